@@ -1,0 +1,97 @@
+"""Capture activations of response tokens through hook points (DESIGN.md, "Eq. 3").
+
+The base model is run on (prompt, response) token sequences in left-padded batches with
+``run_with_cache`` restricted to the requested hook points. Only response tokens count: never the
+prompt, never the padding. Per sample they are reduced to their mean or last token, or kept per
+token (HPR pairs positive and negative tokens position by position). Only the reduced float32
+tensors are kept, never the full cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from sims_lens.chat import Exchange, left_pad
+
+AGGREGATIONS = ("mean", "last", "tokens")
+
+
+def padded_forward_kwargs(mask: Tensor) -> dict[str, Tensor]:
+    """Attention mask and matching position ids for a left-padded batch."""
+    return {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+
+
+@torch.no_grad()
+def capture_tokens(
+    model: Any,
+    exchanges: Sequence[Exchange],
+    hooks: Sequence[str],
+    pad_id: int,
+    batch_size: int = 16,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[Float[Tensor, "n_tokens n_hooks d_model"]]:
+    """Per sample, the activations of its response tokens at every hook (float32, on CPU)."""
+    if not hooks:
+        raise ValueError("capture needs at least one hook point")
+    for i, ex in enumerate(exchanges):
+        if not ex.response_ids:
+            raise ValueError(f"sample {i} has an empty response; there are no response tokens to capture")
+    wanted = set(hooks)
+    device = next(model.parameters()).device
+    out: list[Tensor] = []
+    for start in range(0, len(exchanges), batch_size):
+        chunk = exchanges[start : start + batch_size]
+        ids, mask = left_pad([ex.ids for ex in chunk], pad_id)
+        kwargs = {k: v.to(device) for k, v in padded_forward_kwargs(mask).items()}
+        _, cache = model.run_with_cache(ids.to(device), names_filter=lambda name: name in wanted, **kwargs)
+        stacked = torch.stack([cache[h] for h in hooks], dim=2)  # [batch, pos, n_hooks, d_model]
+        width = ids.shape[1]
+        for row, ex in enumerate(chunk):
+            n_resp = len(ex.response_ids)
+            out.append(stacked[row, width - n_resp :].float().cpu())
+        del cache, stacked
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return out
+
+
+def reduce_tokens(
+    per_sample: Sequence[Float[Tensor, "n_tokens n_hooks d_model"]], aggregation: str
+) -> Float[Tensor, "n_samples n_hooks d_model"]:
+    """Mean or last response token of every sample."""
+    if aggregation == "mean":
+        return torch.stack([t.mean(0) for t in per_sample])
+    if aggregation == "last":
+        return torch.stack([t[-1] for t in per_sample])
+    raise ValueError(f"unknown aggregation {aggregation!r}; use one of {AGGREGATIONS}")
+
+
+def pair_tokens(
+    pos: Sequence[Float[Tensor, "n_tokens n_hooks d_model"]],
+    neg: Sequence[Float[Tensor, "n_tokens n_hooks d_model"]],
+) -> tuple[Float[Tensor, "n_pairs n_hooks d_model"], Float[Tensor, "n_pairs n_hooks d_model"]]:
+    """Position-paired tokens of paired responses: the i-th token of y+ with the i-th of y-."""
+    if len(pos) != len(neg):
+        raise ValueError(f"token pairing needs as many positive as negative samples ({len(pos)} vs {len(neg)})")
+    lengths = [min(len(p), len(n)) for p, n in zip(pos, neg, strict=True)]
+    return (
+        torch.cat([p[:k] for p, k in zip(pos, lengths, strict=True)]),
+        torch.cat([n[:k] for n, k in zip(neg, lengths, strict=True)]),
+    )
+
+
+def capture(
+    model: Any,
+    exchanges: Sequence[Exchange],
+    hooks: Sequence[str],
+    pad_id: int,
+    aggregation: str = "mean",
+    batch_size: int = 16,
+) -> Float[Tensor, "n_samples n_hooks d_model"]:
+    """Reduced response-token activations, ``[n_samples, n_hooks, d_model]`` float32."""
+    return reduce_tokens(capture_tokens(model, exchanges, hooks, pad_id, batch_size), aggregation)

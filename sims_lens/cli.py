@@ -1,0 +1,110 @@
+"""The ``sims-lens`` command line.
+
+This is the only module that wires the core (loop, learners, oracles, capture) to ``analysis``.
+Every failure the user can fix ends in one ``error: ...`` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from sims_lens.models import DTYPES, EMBEDDED_MODEL, ModelLoadError
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=None,
+        help=f"embedded default ({EMBEDDED_MODEL}), a Hugging Face hub name, a local HF folder, or a .gguf file",
+    )
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cpu")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print which model loads, where it is cached, its dtype, shape and hook points."""
+    import time
+
+    from sims_lens.models import cache_dir, load_model, resolve_source
+
+    source = resolve_source(args.model)
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    seconds = time.perf_counter() - start
+    cfg = model.cfg
+    suffixes = sorted({name.split(".", 2)[-1] for name in model.hook_dict if name.startswith("blocks.0.")})
+    print(f"model        {source.name} ({source.kind}{f': {source.path}' if source.path else ''})")
+    print(f"cache        {cache_dir()}")
+    print(f"load time    {seconds:.1f} s")
+    print(f"dtype        {args.dtype} on {args.device}")
+    print(f"layers       {cfg.n_layers}")
+    print(f"d_model      {cfg.d_model}")
+    print(f"vocab        {len(tokenizer)}")
+    print(f"chat format  {'yes' if getattr(tokenizer, 'chat_template', None) else 'no (raw prompts)'}")
+    print(f"hook points  blocks.{{0..{cfg.n_layers - 1}}}.{{name}}, name in:")
+    for suffix in suffixes:
+        print(f"               {suffix}")
+    return 0
+
+
+def cmd_steer_demo(args: argparse.Namespace) -> int:
+    """Generate with and without one steering vector learned from a handful of contrast pairs."""
+    from sims_lens.demo import steering_demo
+
+    steering_demo(args.model, dtype=args.dtype, layer=args.layer, multiplier=args.multiplier,
+                  max_new_tokens=args.max_new_tokens)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sims-lens",
+        description="Self-improving model steering (SIMS) inside TransformerLens.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    info = sub.add_parser("info", help="which model, where cached, dtype, layers, d_model, hook points")
+    _add_model_args(info)
+    info.set_defaults(func=cmd_info)
+
+    steer = sub.add_parser("steer-demo", help="generate with and without one contrastive steering vector")
+    _add_model_args(steer)
+    steer.add_argument("--layer", type=int, default=None, help="layer to steer (default: the middle layer)")
+    steer.add_argument("--multiplier", type=float, default=2.0)
+    steer.add_argument("--max-new-tokens", type=int, default=40)
+    steer.set_defaults(func=cmd_steer_demo)
+
+    _register_more(sub)
+    return parser
+
+
+def _register_more(sub: Any) -> None:
+    """Subcommands that live in other modules register here (keeps this file a wiring table)."""
+    try:
+        from sims_lens.cli_run import register
+    except ImportError:  # pragma: no cover - the run command arrives with the loop
+        return
+    register(sub)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args))
+    except (ModelLoadError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Which token positions a steering hook may edit, under padding and the KV cache.
+
+During generation with a KV cache, the prefill forward sees ``[batch, prompt, d_model]`` and each
+decode step sees ``[batch, 1, d_model]``. :func:`track_positions` follows that (one hook on
+``hook_embed`` counts the tokens each forward adds), so a hook can tell prompt tokens from
+generated ones and real tokens from left padding. Outside :func:`track_positions` every forward
+is a whole, unpadded sequence of prompt tokens.
+
+Position policies: ``"all"`` (every real token), ``"generated"`` (generated tokens only),
+``"prompt"`` (real prompt tokens only) and ``"from:K"`` (real tokens at position K and later,
+counted from each row's first real token).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+_FROM_RE = re.compile(r"^from:(\d+)$")
+POLICIES = ("all", "generated", "prompt", "from:K")
+
+
+def validate_policy(policy: str) -> str:
+    if policy in {"all", "generated", "prompt"} or _FROM_RE.match(policy):
+        return policy
+    raise ValueError(f"unknown position policy {policy!r}; use one of {', '.join(POLICIES)} (for example from:5)")
+
+
+@dataclass
+class PositionTracker:
+    """Where the current forward's tokens sit in the padded prompt-plus-generation sequence."""
+
+    prompt_mask: Bool[Tensor, "batch prompt"]
+    seen: int = 0
+    offset: int = 0
+    pad_counts: Int[Tensor, " batch"] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.prompt_mask = self.prompt_mask.bool()
+        self.pad_counts = (~self.prompt_mask).sum(-1)
+
+    @property
+    def prompt_width(self) -> int:
+        return int(self.prompt_mask.shape[1])
+
+    def advance(self, seq_len: int) -> None:
+        """Record one forward of ``seq_len`` tokens (prefill, cached step or full re-run)."""
+        self.offset = self.seen if (seq_len == 1 and self.seen > 0) else 0
+        self.seen = self.offset + seq_len
+
+
+_TRACKERS: dict[int, PositionTracker] = {}
+
+
+def current_tracker(model: Any) -> PositionTracker | None:
+    return _TRACKERS.get(id(model))
+
+
+@contextmanager
+def track_positions(model: Any, attention_mask: Int[Tensor, "batch prompt"]) -> Iterator[PositionTracker]:
+    """Track token positions for the forwards inside (a generation, or a padded batch)."""
+    tracker = PositionTracker(attention_mask.to("cpu"))
+
+    def on_embed(act: Tensor, hook: Any) -> None:
+        tracker.advance(int(act.shape[1]))
+
+    previous = _TRACKERS.get(id(model))
+    _TRACKERS[id(model)] = tracker
+    try:
+        with model.hooks(fwd_hooks=[("hook_embed", on_embed)]):
+            yield tracker
+    finally:
+        if previous is None:
+            _TRACKERS.pop(id(model), None)
+        else:
+            _TRACKERS[id(model)] = previous
+
+
+def position_mask(
+    policy: str, batch: int, seq_len: int, tracker: PositionTracker | None, device: torch.device
+) -> Bool[Tensor, "batch pos"] | None:
+    """Positions of the current forward that ``policy`` edits; None means all of them."""
+    if tracker is None:
+        if policy in {"all", "prompt"}:
+            return None
+        if policy == "generated":
+            return torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
+        start = int(policy.split(":")[1])
+        index = torch.arange(seq_len, device=device)
+        return (index >= start).expand(batch, seq_len)
+    width = tracker.prompt_width
+    absolute = torch.arange(tracker.offset, tracker.offset + seq_len)
+    in_prompt = absolute < width
+    real = torch.ones(batch, seq_len, dtype=torch.bool)
+    if bool(in_prompt.any()):
+        real[:, in_prompt] = tracker.prompt_mask[:, absolute[in_prompt]]
+    if policy == "all":
+        mask = real
+    elif policy == "generated":
+        mask = (~in_prompt).expand(batch, seq_len)
+    elif policy == "prompt":
+        mask = real & in_prompt
+    else:
+        start = int(policy.split(":")[1])
+        row_position = absolute.unsqueeze(0) - tracker.pad_counts.unsqueeze(1)
+        mask = real & (row_position >= start)
+    return mask.to(device)

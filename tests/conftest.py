@@ -1,0 +1,21 @@
+"""Shared fixtures: a tiny random-weight model (unit tests) and the embedded model (integration)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A 2-layer random-weight Llama bridge and its tokenizer (built offline in about a second)."""
+    from sims_lens.tiny import tiny_model
+
+    return tiny_model(n_layers=2, d_model=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M-Instruct in float32 (dequantised and cached on first use)."""
+    from sims_lens.models import load_model
+
+    return load_model(None, dtype="float32")

