@@ -1,0 +1,40 @@
+"""Steering-function learners: fit one steering function per hook from H+ and H- activations.
+
+Registered names (:data:`LEARNERS`, :func:`make_learner`): ``mean_diff``, ``pca``, ``probe``,
+``ablate_add``, ``hpr``. Importing this package registers all of them.
+"""
+
+from sims_lens.steering.learners.ablate_add import AblateAddLearner, negative_direction
+from sims_lens.steering.learners.base import (
+    AGGREGATIONS,
+    LEARNERS,
+    Learner,
+    check_activations,
+    learner_settings,
+    make_learner,
+    register_learner,
+)
+from sims_lens.steering.learners.hpr import HPRLearner
+from sims_lens.steering.learners.mean_diff import MeanDiffLearner, mean_difference
+from sims_lens.steering.learners.pca import PCALearner
+from sims_lens.steering.learners.probe import ProbeLearner, fisher_ratio, fit_logistic, probe_accuracy
+
+__all__ = [
+    "AGGREGATIONS",
+    "LEARNERS",
+    "AblateAddLearner",
+    "HPRLearner",
+    "Learner",
+    "MeanDiffLearner",
+    "PCALearner",
+    "ProbeLearner",
+    "check_activations",
+    "fisher_ratio",
+    "fit_logistic",
+    "learner_settings",
+    "make_learner",
+    "mean_difference",
+    "negative_direction",
+    "probe_accuracy",
+    "register_learner",
+]

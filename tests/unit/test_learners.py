@@ -1,0 +1,311 @@
+"""Unit tests for the linear steering-function learners, the registry and the input checks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from sims_lens.steering.functions import SteeringFunction
+from sims_lens.steering.learners import (
+    LEARNERS,
+    AblateAddLearner,
+    HPRLearner,
+    Learner,
+    MeanDiffLearner,
+    PCALearner,
+    ProbeLearner,
+    fisher_ratio,
+    make_learner,
+    probe_accuracy,
+)
+
+HOOK = "blocks.3.hook_resid_post"
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _unit(x: Tensor) -> Tensor:
+    return x / x.norm()
+
+
+def _cos(a: Tensor, b: Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
+
+
+def _planted(d: int, seed: int = 99) -> Tensor:
+    return _unit(torch.randn(d, generator=_gen(seed)))
+
+
+def _two_gaussians(
+    n: int, d: int, shift: float, *, seed: int = 0, offset: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """pos ~ N(offset + shift u, I), neg ~ N(offset - shift u, I); returns (pos, neg, u)."""
+    g = _gen(seed)
+    u = _planted(d)
+    pos = offset + shift * u + torch.randn(n, d, generator=g)
+    neg = offset - shift * u + torch.randn(n, d, generator=g)
+    return pos, neg, u
+
+
+# ---------------------------------------------------------------- registry and protocol
+
+
+def test_registry_names_and_aggregations() -> None:
+    assert set(LEARNERS) == {"mean_diff", "pca", "probe", "ablate_add", "hpr"}
+    expected = {"mean_diff": "mean", "pca": "mean", "probe": "mean", "ablate_add": "mean", "hpr": "tokens"}
+    for name, aggregation in expected.items():
+        learner = make_learner(name)
+        assert isinstance(learner, Learner)
+        assert learner.name == name
+        assert learner.aggregation == aggregation
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [("mean_diff", "add"), ("pca", "add"), ("probe", "add"), ("ablate_add", "ablate_add"), ("hpr", "hpr")],
+)
+def test_every_learner_returns_a_usable_steering_function(name: str, kind: str) -> None:
+    pos, neg, _ = _two_gaussians(40, 8, 1.0)
+    settings = {"epochs": 2} if name == "hpr" else {}
+    fn = make_learner(name, **settings).fit(pos, neg, HOOK)
+    assert isinstance(fn, SteeringFunction)
+    assert (fn.kind, fn.hook, fn.learner, fn.layer) == (kind, HOOK, name, 3)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in fn.params.values())
+    h = torch.randn(2, 5, 8, generator=_gen(1))
+    assert fn(h).shape == h.shape
+    torch.testing.assert_close(fn(h, multiplier=0.0), h)
+
+
+def test_make_learner_passes_settings() -> None:
+    learner = make_learner("probe", l2=0.5, max_iter=7)
+    assert isinstance(learner, ProbeLearner)
+    assert (learner.l2, learner.max_iter) == (0.5, 7)
+    assert make_learner("hpr", hidden=8, seed=3) == HPRLearner(hidden=8, seed=3)
+
+
+def test_unknown_learner_names_the_known_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown learner 'nope'.*'ablate_add'.*'hpr'.*'mean_diff'.*'pca'.*'probe'"):
+        make_learner("nope")
+
+
+def test_unknown_setting_names_the_allowed_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['learning_rate'\] for learner 'hpr'.*'lr'"):
+        make_learner("hpr", learning_rate=1e-3)
+    with pytest.raises(ValueError, match=r"\['l2'\] for learner 'mean_diff'; allowed settings: \[\]"):
+        make_learner("mean_diff", l2=1.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "settings", "message"),
+    [
+        ("hpr", {"lr": 0.0}, "'lr' must be a finite number > 0"),
+        ("hpr", {"epochs": 0}, "'epochs' must be an integer >= 1"),
+        ("hpr", {"batch_size": 2.5}, "'batch_size' must be an integer"),
+        ("hpr", {"angle_loss_weight": -1.0}, "'angle_loss_weight' must be a finite number >= 0"),
+        ("hpr", {"probe_l2": float("nan")}, "'probe_l2' must be a finite number > 0"),
+        ("probe", {"l2": -0.1}, "'l2' must be a finite number > 0"),
+        ("probe", {"max_iter": True}, "'max_iter' must be an integer"),
+    ],
+)
+def test_invalid_settings_are_rejected_clearly(name: str, settings: dict[str, float], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_learner(name, **settings)
+
+
+# ---------------------------------------------------------------- input validation
+
+
+@pytest.mark.parametrize("name", sorted(LEARNERS))
+def test_mismatched_d_model(name: str) -> None:
+    with pytest.raises(ValueError, match=r"pos and neg differ in d_model: 8 vs 6"):
+        make_learner(name).fit(torch.randn(4, 8), torch.randn(4, 6), HOOK)
+
+
+@pytest.mark.parametrize("name", sorted(LEARNERS))
+def test_single_row(name: str) -> None:
+    with pytest.raises(ValueError, match=r"neg needs at least 2 rows \(activations\), got 1"):
+        make_learner(name).fit(torch.randn(4, 8), torch.randn(1, 8), HOOK)
+
+
+@pytest.mark.parametrize("name", sorted(LEARNERS))
+def test_non_finite_values(name: str) -> None:
+    pos = torch.randn(4, 8)
+    pos[2, 3] = float("nan")
+    pos[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"pos contains 2 non-finite \(NaN or inf\) value\(s\)"):
+        make_learner(name).fit(pos, torch.randn(4, 8), HOOK)
+
+
+def test_wrong_rank_and_dtype() -> None:
+    with pytest.raises(ValueError, match=r"pos must be 2-D \[n, d_model\], got shape \(8,\)"):
+        MeanDiffLearner().fit(torch.randn(8), torch.randn(4, 8), HOOK)
+    with pytest.raises(TypeError, match="real floating-point"):
+        MeanDiffLearner().fit(torch.ones(4, 8, dtype=torch.long), torch.randn(4, 8), HOOK)
+
+
+@pytest.mark.parametrize("name", ["pca", "hpr"])
+def test_paired_learners_need_equal_rows(name: str) -> None:
+    with pytest.raises(ValueError, match=r"paired rows .* got 5 pos and 4 neg rows"):
+        make_learner(name).fit(torch.randn(5, 8), torch.randn(4, 8), HOOK)
+
+
+def test_unpaired_learners_accept_unequal_rows() -> None:
+    pos, neg, _ = _two_gaussians(30, 8, 1.0)
+    for name in ("mean_diff", "probe", "ablate_add"):
+        make_learner(name).fit(pos, neg[:17], HOOK)
+
+
+# ---------------------------------------------------------------- mean_diff
+
+
+def test_mean_diff_matches_numpy() -> None:
+    g = _gen(3)
+    pos = torch.randn(37, 16, generator=g) * 4 + 2
+    neg = torch.randn(23, 16, generator=g) * 3 - 1
+    fn = MeanDiffLearner().fit(pos, neg, HOOK)
+    expected = pos.numpy().astype(np.float64).mean(axis=0) - neg.numpy().astype(np.float64).mean(axis=0)
+    np.testing.assert_allclose(fn.params["vector"].numpy(), expected, rtol=0, atol=1e-5)
+    assert fn.kind == "add"
+
+
+def test_mean_diff_accepts_bfloat16() -> None:
+    pos, neg, _ = _two_gaussians(20, 8, 1.0)
+    fn = MeanDiffLearner().fit(pos.bfloat16(), neg.bfloat16(), HOOK)
+    torch.testing.assert_close(fn.params["vector"], pos.bfloat16().float().mean(0) - neg.bfloat16().float().mean(0))
+
+
+# ---------------------------------------------------------------- pca
+
+
+def _paired_prompts(n: int, d: int, *, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Each prompt has a large shared activation; y+ adds ``u``, y- subtracts it, plus noise."""
+    g = _gen(seed)
+    u = _planted(d)
+    base = 5.0 * torch.randn(n, d, generator=g)
+    pos = base + 0.6 * u + 0.5 * torch.randn(n, d, generator=g)
+    neg = base - 0.6 * u + 0.5 * torch.randn(n, d, generator=g)
+    return pos, neg, u
+
+
+def test_pca_recovers_planted_direction_with_neg_to_pos_sign() -> None:
+    pos, neg, u = _paired_prompts(300, 32)
+    fn = PCALearner().fit(pos, neg, HOOK)
+    vector = fn.params["vector"]
+    assert _cos(vector, u) > 0.95
+    torch.testing.assert_close(vector.norm(), (pos.mean(0) - neg.mean(0)).norm())
+    # Swapping the roles flips the direction: the sign always points from neg to pos.
+    assert _cos(PCALearner().fit(neg, pos, HOOK).params["vector"], u) < -0.95
+
+
+def test_pca_is_uncentered_so_consistent_signal_beats_anisotropic_noise() -> None:
+    """Differences ``u + noise`` with one noise axis (orthogonal to ``u``) of std 0.8.
+
+    Centered PCA would return that axis (variance 0.64 against ~0.01 along ``u``); the uncentered
+    second moment is 1.01 along ``u`` and 0.64 along the noise axis, so ``u`` wins.
+    """
+    g = _gen(5)
+    d = 16
+    u = torch.zeros(d)
+    u[0] = 1.0
+    noise_axis = torch.zeros(d)
+    noise_axis[1] = 1.0
+    n = 400
+    diffs = 1.0 * u + 0.1 * torch.randn(n, d, generator=g) + 0.8 * torch.randn(n, 1, generator=g) * noise_axis
+    neg = torch.randn(n, d, generator=g)
+    fn = PCALearner().fit(neg + diffs, neg, HOOK)
+    assert _cos(fn.params["vector"], u) > 0.95
+
+
+# ---------------------------------------------------------------- probe
+
+
+def test_probe_recovers_planted_direction_in_activation_space() -> None:
+    """Dimensions have very different scales; the right raw-space normal is ``D^-1 u``."""
+    d = 12
+    z_pos, z_neg, u = _two_gaussians(400, d, 1.0, seed=4)
+    scales = torch.logspace(-1, 1, d)  # 0.1 ... 10
+    pos, neg = 3.0 + z_pos * scales, 3.0 + z_neg * scales
+    fn = ProbeLearner(l2=1e-3).fit(pos, neg, HOOK)
+    vector = fn.params["vector"]
+    expected = u / scales
+    assert _cos(vector, expected) > 0.95
+    assert _cos(vector, u * scales) < 0.9  # a standardised-space weight would point elsewhere
+    # The vector is the mean difference's projection onto the probe direction.
+    mean_diff = pos.mean(0) - neg.mean(0)
+    direction = _unit(vector)
+    torch.testing.assert_close(vector, direction * (direction @ mean_diff), atol=1e-5, rtol=1e-5)
+    assert fn.extra["train_accuracy"] > 0.8
+
+
+def test_probe_is_deterministic() -> None:
+    pos, neg, _ = _two_gaussians(50, 8, 0.5, seed=2)
+    a = ProbeLearner().fit(pos, neg, HOOK).params["vector"]
+    b = ProbeLearner().fit(pos, neg, HOOK).params["vector"]
+    assert torch.equal(a, b)
+
+
+def test_probe_accuracy_separable_vs_identical() -> None:
+    pos, neg, _ = _two_gaussians(200, 8, 3.0, seed=6)
+    assert probe_accuracy(pos, neg) >= 0.97
+    same_pos, _, _ = _two_gaussians(400, 8, 0.0, seed=7)
+    same_neg, _, _ = _two_gaussians(400, 8, 0.0, seed=8)
+    assert abs(probe_accuracy(same_pos, same_neg) - 0.5) < 0.12
+
+
+def test_probe_accuracy_rejects_bad_fraction() -> None:
+    pos, neg, _ = _two_gaussians(10, 4, 1.0)
+    with pytest.raises(ValueError, match="test_fraction must be in"):
+        probe_accuracy(pos, neg, test_fraction=1.0)
+
+
+def test_fisher_ratio_matches_definition_and_orders_separation() -> None:
+    pos, neg, _ = _two_gaussians(300, 8, 1.0, seed=9)
+    u = (pos.double().mean(0) - neg.double().mean(0)).numpy()
+    u /= np.linalg.norm(u)
+    p, q = pos.double().numpy() @ u, neg.double().numpy() @ u
+    expected = (p.mean() - q.mean()) ** 2 / (p.var() + q.var())
+    assert math.isclose(fisher_ratio(pos, neg), expected, rel_tol=1e-9)
+    near_pos, near_neg, _ = _two_gaussians(300, 8, 0.1, seed=9)
+    assert fisher_ratio(pos, neg) > 10 * fisher_ratio(near_pos, near_neg)
+    assert fisher_ratio(pos, pos.clone()) == 0.0
+
+
+# ---------------------------------------------------------------- ablate_add
+
+
+def test_ablate_add_direction_and_edit() -> None:
+    d = 16
+    g = _gen(11)
+    common = 6.0 * _planted(d, seed=1)  # activations share a large mean, as residual streams do
+    pos, neg, _ = _two_gaussians(200, d, 1.0, seed=12)
+    pos, neg = pos + common, neg + 0.7 * common  # negatives also differ in norm along the common mean
+    fn = AblateAddLearner().fit(pos, neg, HOOK)
+    u, v = fn.params["ablate"], fn.params["vector"]
+    mean_pos, mean_neg = pos.mean(0), neg.mean(0)
+    torch.testing.assert_close(v, mean_pos - mean_neg)
+    assert math.isclose(float(u.norm()), 1.0, rel_tol=1e-5)
+    assert abs(float(u @ _unit(mean_pos))) < 1e-4  # orthogonal to the preferred mean
+    assert float(u @ mean_neg) > 0  # points into the dispreferred component
+    assert abs(_cos(u, v)) < 0.9  # not just -unit(v)
+    h = 3.0 * torch.randn(64, d, generator=g) + common
+    edited = fn(h)
+    torch.testing.assert_close((edited - v) @ u, torch.zeros(64), atol=1e-4, rtol=0)  # u removed at m=1
+    # Orthogonal to u the edit is the plain addition of v.
+    rest = (edited - h - v) - ((edited - h - v) @ u).unsqueeze(-1) * u
+    torch.testing.assert_close(rest, torch.zeros_like(rest), atol=1e-4, rtol=0)
+    torch.testing.assert_close(fn(mean_neg.unsqueeze(0))[0], mean_pos + (v @ u) * u, atol=1e-4, rtol=1e-5)
+
+
+def test_ablate_add_without_negative_only_component_is_plain_addition() -> None:
+    pos = torch.tensor([[2.0, 0.0], [2.2, 0.0]])
+    neg = torch.tensor([[1.0, 0.0], [1.2, 0.0]])  # mean(neg) parallel to mean(pos)
+    fn = AblateAddLearner().fit(pos, neg, HOOK)
+    assert torch.equal(fn.params["ablate"], torch.zeros(2))
+    h = torch.randn(3, 2, generator=_gen(0))
+    torch.testing.assert_close(fn(h), h + fn.params["vector"])
