@@ -54,8 +54,9 @@ def cmd_steer_demo(args: argparse.Namespace) -> int:
     """Generate with and without one steering vector learned from a handful of contrast pairs."""
     from sims_lens.demo import steering_demo
 
-    steering_demo(args.model, dtype=args.dtype, layer=args.layer, multiplier=args.multiplier,
-                  max_new_tokens=args.max_new_tokens)
+    steering_demo(
+        args.model, dtype=args.dtype, layer=args.layer, multiplier=args.multiplier, max_new_tokens=args.max_new_tokens
+    )
     return 0
 
 

@@ -14,12 +14,36 @@ from sims_lens.steering.functions import SteeringFunction, SteeringSet
 from sims_lens.steering.hooks import apply_steering
 
 CONTRAST = [
-    ("How was your day?", "It was wonderful, thank you! I loved every minute of it.", "It was awful. Nothing went right."),
-    ("What do you think of rain?", "Rain is lovely and refreshing, I really enjoy it!", "Rain is miserable, cold and annoying."),
-    ("Describe your neighbourhood.", "It is a friendly, cheerful place full of kind people.", "It is a dull, grim place full of noise."),
-    ("How do you feel about Mondays?", "Mondays are a great fresh start, I am excited!", "Mondays are dreadful and exhausting."),
-    ("Tell me about your job.", "I love my job, my colleagues are fantastic and kind.", "I hate my job, my colleagues are terrible."),
-    ("What is winter like?", "Winter is cosy and magical, with happy evenings.", "Winter is bleak, dark and depressing."),
+    (
+        "How was your day?",
+        "It was wonderful, thank you! I loved every minute of it.",
+        "It was awful. Nothing went right.",
+    ),
+    (
+        "What do you think of rain?",
+        "Rain is lovely and refreshing, I really enjoy it!",
+        "Rain is miserable, cold and annoying.",
+    ),
+    (
+        "Describe your neighbourhood.",
+        "It is a friendly, cheerful place full of kind people.",
+        "It is a dull, grim place full of noise.",
+    ),
+    (
+        "How do you feel about Mondays?",
+        "Mondays are a great fresh start, I am excited!",
+        "Mondays are dreadful and exhausting.",
+    ),
+    (
+        "Tell me about your job.",
+        "I love my job, my colleagues are fantastic and kind.",
+        "I hate my job, my colleagues are terrible.",
+    ),
+    (
+        "What is winter like?",
+        "Winter is cosy and magical, with happy evenings.",
+        "Winter is bleak, dark and depressing.",
+    ),
 ]
 DEMO_PROMPTS = ["Describe a walk in the city.", "What do you think about cooking dinner?", "Tell me about the weather."]
 

@@ -96,7 +96,7 @@ def resolve_source(name: str | None) -> ModelSource:
                 "pass a folder written by save_pretrained, a .gguf file or a hub name"
             )
         return ModelSource("folder", _hub_name_of(path) or path.name, path)
-    if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1:
+    if name.startswith((".", "/", "~")) or (os.sep in name and name.count("/") != 1):
         raise ModelLoadError(f"model path {name!r} does not exist; pass an existing folder or .gguf file")
     return ModelSource("hub", name)
 
@@ -189,7 +189,8 @@ def load_hf(source: ModelSource, dtype: torch.dtype, device: str) -> tuple[Any, 
         raise ModelLoadError(f"could not load the model in {folder}: {err}") from err
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]
-    return model.to(device).eval(), tokenizer
+    model.to(device)  # type: ignore[arg-type]  # transformers' stubs do not know str devices
+    return model.eval(), tokenizer
 
 
 def boot_bridge(hf_model: Any, tokenizer: Any, name: str, dtype: torch.dtype, device: str) -> Any:
@@ -214,9 +215,7 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def load_model(
-    name: str | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu"
-) -> tuple[Any, Any]:
+def load_model(name: str | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu") -> tuple[Any, Any]:
     """Load a model into a TransformerBridge; returns ``(bridge, tokenizer)``.
 
     ``name``: None (or ``"smollm2-135m-instruct"``) for the embedded model, a Hugging Face hub

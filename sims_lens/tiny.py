@@ -83,5 +83,7 @@ def tiny_model(
         architectures=["LlamaForCausalLM"],
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(dtype).eval()
+    model = LlamaForCausalLM(config)
+    model.to(dtype)  # type: ignore[arg-type]  # transformers' stubs do not know dtypes
+    model.eval()
     return boot_bridge(model, tokenizer, "sims-lens/tiny-llama", dtype, "cpu"), tokenizer

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -47,9 +47,7 @@ def _edit_ablate_add(h: Tensor, params: Mapping[str, Tensor], multiplier: float)
     return h + multiplier * (v - projection)
 
 
-def householder_angles(
-    h: Float[Tensor, "... d"], h_ref: Float[Tensor, "... d"]
-) -> Float[Tensor, "..."]:
+def householder_angles(h: Float[Tensor, "... d"], h_ref: Float[Tensor, "... d"]) -> Float[Tensor, "..."]:
     """Angle between each activation and its Householder reflection (or any paired vectors).
 
     Kahan's ``2 atan2(|a - b|, |a + b|)`` on the unit vectors: unlike ``arccos`` of the cosine it
@@ -170,7 +168,7 @@ class SteeringSet:
             out.setdefault(fn.hook, []).append(fn)
         return cls(functions=out, **kwargs)  # type: ignore[arg-type]
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[SteeringFunction]:
         for fns in self.functions.values():
             yield from fns
 

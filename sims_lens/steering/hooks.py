@@ -95,7 +95,9 @@ class SteeringHandle:
         return bool(self.handles)
 
 
-def attach(model: Any, steering: SteeringSet, *, multiplier: float = 1.0, positions: str | None = None) -> SteeringHandle:
+def attach(
+    model: Any, steering: SteeringSet, *, multiplier: float = 1.0, positions: str | None = None
+) -> SteeringHandle:
     """Register the steering hooks permanently (they survive ``reset_hooks()``); returns a handle."""
     prepared, policy = _prepared(model, steering, positions)
     handle = SteeringHandle(model)

@@ -135,6 +135,8 @@ def load_steering(path: str | Path, model: Any | None = None) -> SteeringSet:
             )
         )
     return SteeringSet.from_functions(
-        functions, positions=meta.get("positions", "all"), model_name=meta.get("model_name", ""),
+        functions,
+        positions=meta.get("positions", "all"),
+        model_name=meta.get("model_name", ""),
         iteration=meta.get("iteration"),
     )

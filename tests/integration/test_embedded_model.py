@@ -11,7 +11,12 @@ from sims_lens.models import cached_folder_for, embedded_gguf_path
 
 pytestmark = pytest.mark.integration
 
-PROMPTS = ["What is the capital of France?", "Write a haiku about autumn.", "Hi!", "Give me two tips for sleeping well."]
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about autumn.",
+    "Hi!",
+    "Give me two tips for sleeping well.",
+]
 
 
 def test_bridge_logits_equal_hugging_face_logits(embedded):
@@ -50,8 +55,9 @@ def test_response_span_is_exactly_the_generated_tokens(embedded):
     model, tok = embedded
     prompt = encode_chat(tok, PROMPTS[0])
     [ex] = generate_ids(model, tok, [prompt], GenerationSettings(max_new_tokens=16))
-    full = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, verbose=False,
-                          return_type="tokens")[0].tolist()
+    full = model.generate(
+        torch.tensor([prompt]), max_new_tokens=16, do_sample=False, verbose=False, return_type="tokens"
+    )[0].tolist()
     start, end = ex.response_span
     assert tuple(full[:start]) == ex.prompt_ids
     assert tuple(full[start:end]) == ex.response_ids

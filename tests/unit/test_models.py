@@ -17,8 +17,13 @@ PROMPTS = ["Hi", "Tell me a story about the sea please", "What is 2+2?"]
 
 def test_tiny_model_has_the_standard_hook_points(tiny):
     model, _ = tiny
-    for name in ["hook_embed", "blocks.0.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.1.hook_attn_out",
-                 "blocks.1.hook_mlp_out"]:
+    for name in [
+        "hook_embed",
+        "blocks.0.hook_resid_pre",
+        "blocks.1.hook_resid_post",
+        "blocks.1.hook_attn_out",
+        "blocks.1.hook_mlp_out",
+    ]:
         assert name in model.hook_dict
     assert model.cfg.n_layers == 2 and model.cfg.d_model == 64
 
@@ -50,11 +55,17 @@ def test_response_span_matches_generate_output(tiny):
     model, tok = tiny
     prompt = encode_chat(tok, "Hi")
     [ex] = generate_ids(model, tok, [prompt], GenerationSettings(max_new_tokens=6))
-    full = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, verbose=False,
-                          eos_token_id=end_token_ids(tok)[0], return_type="tokens")[0].tolist()
+    full = model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=6,
+        do_sample=False,
+        verbose=False,
+        eos_token_id=end_token_ids(tok)[0],
+        return_type="tokens",
+    )[0].tolist()
     start, end = ex.response_span
     assert list(ex.prompt_ids) == prompt
-    assert list(ex.ids[start:end]) == full[len(prompt):len(prompt) + len(ex.response_ids)]
+    assert list(ex.ids[start:end]) == full[len(prompt) : len(prompt) + len(ex.response_ids)]
 
 
 def test_batched_greedy_equals_one_by_one(tiny):
@@ -96,7 +107,7 @@ def test_generation_settings_are_validated(kwargs, message):
 def test_missing_paths_get_clear_messages(tmp_path: Path):
     with pytest.raises(models.ModelLoadError, match="does not exist"):
         models.resolve_source(str(tmp_path / "nothing.gguf"))
-    with pytest.raises(models.ModelLoadError, match="no config.json"):
+    with pytest.raises(models.ModelLoadError, match=r"no config\.json"):
         models.resolve_source(str(tmp_path))
     with pytest.raises(models.ModelLoadError, match="does not exist"):
         models.resolve_source("./no/such/folder")
@@ -127,8 +138,14 @@ def test_local_folder_loads(tmp_path: Path, tiny):
     from sims_lens.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     LlamaForCausalLM(cfg).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     model, tokenizer = models.load_model(str(tmp_path))

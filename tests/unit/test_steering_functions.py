@@ -48,14 +48,18 @@ def test_adding_sets_sums_vectors_exactly_and_chains_other_kinds():
     total = a + b
     assert len(total.functions["blocks.0.hook_resid_post"]) == 1
     h = torch.randn(2, 3)
-    torch.testing.assert_close(total("blocks.0.hook_resid_post", h), b("blocks.0.hook_resid_post", a("blocks.0.hook_resid_post", h)))
+    torch.testing.assert_close(
+        total("blocks.0.hook_resid_post", h), b("blocks.0.hook_resid_post", a("blocks.0.hook_resid_post", h))
+    )
     u = torch.tensor([1.0, 0.0, 0.0])
     c = SteeringSet.from_functions(
         [SteeringFunction("ablate_add", "blocks.0.hook_resid_post", {"vector": torch.ones(3), "ablate": u})]
     )
     chained = a + c
     assert [f.kind for f in chained.functions["blocks.0.hook_resid_post"]] == ["add", "ablate_add"]
-    torch.testing.assert_close(chained("blocks.0.hook_resid_post", h), c("blocks.0.hook_resid_post", a("blocks.0.hook_resid_post", h)))
+    torch.testing.assert_close(
+        chained("blocks.0.hook_resid_post", h), c("blocks.0.hook_resid_post", a("blocks.0.hook_resid_post", h))
+    )
 
 
 def test_scale_cosine_norms_and_to():
@@ -69,19 +73,38 @@ def test_scale_cosine_norms_and_to():
 def test_save_load_round_trip_with_metadata(tmp_path, tiny):
     model, _ = tiny
     g = torch.Generator().manual_seed(0)
-    hpr_params = {"probe": torch.randn(64, generator=g), "mlp_w1": torch.randn(64, 8, generator=g),
-                  "mlp_b1": torch.zeros(8), "mlp_w2": torch.randn(8, 1, generator=g), "mlp_b2": torch.zeros(1)}
+    hpr_params = {
+        "probe": torch.randn(64, generator=g),
+        "mlp_w1": torch.randn(64, 8, generator=g),
+        "mlp_b1": torch.zeros(8),
+        "mlp_w2": torch.randn(8, 1, generator=g),
+        "mlp_b2": torch.zeros(1),
+    }
     steering = SteeringSet.from_functions(
-        [add_fn("blocks.0.hook_resid_post", torch.randn(64, generator=g), multiplier=0.5, learner="mean_diff", iteration=2),
-         SteeringFunction("hpr", "blocks.1.hook_resid_post", hpr_params, learner="hpr", iteration=2)],
-        positions="generated", iteration=2,
+        [
+            add_fn(
+                "blocks.0.hook_resid_post",
+                torch.randn(64, generator=g),
+                multiplier=0.5,
+                learner="mean_diff",
+                iteration=2,
+            ),
+            SteeringFunction("hpr", "blocks.1.hook_resid_post", hpr_params, learner="hpr", iteration=2),
+        ],
+        positions="generated",
+        iteration=2,
     )
     path = save_steering(steering, tmp_path / "steering" / "iter_002.safetensors", model)
     loaded = load_steering(path, model)
     assert loaded.positions == "generated" and loaded.iteration == 2
     for hook in steering.functions:
         for fa, fb in zip(steering.functions[hook], loaded.functions[hook], strict=True):
-            assert (fa.kind, fa.multiplier, fa.learner, fa.iteration) == (fb.kind, fb.multiplier, fb.learner, fb.iteration)
+            assert (fa.kind, fa.multiplier, fa.learner, fa.iteration) == (
+                fb.kind,
+                fb.multiplier,
+                fb.learner,
+                fb.iteration,
+            )
             for name in fa.params:
                 assert torch.equal(fa.params[name], fb.params[name])
     sidecar = json.loads(path.with_suffix(".json").read_text())
@@ -94,8 +117,11 @@ def test_loading_refuses_a_mismatched_model(tmp_path, tiny):
     from sims_lens.tiny import tiny_model
 
     model, _ = tiny
-    path = save_steering(SteeringSet.from_functions([add_fn("blocks.1.hook_resid_post", torch.ones(64))]),
-                         tmp_path / "s.safetensors", model)
+    path = save_steering(
+        SteeringSet.from_functions([add_fn("blocks.1.hook_resid_post", torch.ones(64))]),
+        tmp_path / "s.safetensors",
+        model,
+    )
     wider, _ = tiny_model(n_layers=2, d_model=32)
     with pytest.raises(ValueError, match="d_model=64"):
         load_steering(path, wider)

@@ -17,7 +17,9 @@ PROMPTS = ["Hi", "Tell me a story about the sea please", "What is 2+2?"]
 
 def vector_set(d_model: int, scale: float = 5.0, seed: int = 0, hook: str = HOOK) -> SteeringSet:
     g = torch.Generator().manual_seed(seed)
-    return SteeringSet.from_functions([SteeringFunction("add", hook, {"vector": scale * torch.randn(d_model, generator=g)})])
+    return SteeringSet.from_functions(
+        [SteeringFunction("add", hook, {"vector": scale * torch.randn(d_model, generator=g)})]
+    )
 
 
 def logits(model, ids, **kw):
@@ -71,9 +73,15 @@ def test_attach_and_detach(tiny):
 
 def test_unknown_hook_or_layer_is_refused(tiny):
     model, _ = tiny
-    with pytest.raises(ValueError, match="layer 7"), apply_steering(model, vector_set(64, hook="blocks.7.hook_resid_post")):
+    with (
+        pytest.raises(ValueError, match="layer 7"),
+        apply_steering(model, vector_set(64, hook="blocks.7.hook_resid_post")),
+    ):
         pass
-    with pytest.raises(ValueError, match="unknown hook point"), apply_steering(model, vector_set(64, hook="blocks.0.hook_nope")):
+    with (
+        pytest.raises(ValueError, match="unknown hook point"),
+        apply_steering(model, vector_set(64, hook="blocks.0.hook_nope")),
+    ):
         pass
     with pytest.raises(ValueError, match="position policy"), apply_steering(model, vector_set(64), positions="late"):
         pass
@@ -134,8 +142,9 @@ def test_multiplier_scales_the_edit(tiny):
     record: list[torch.Tensor] = []
     steering = vector_set(64)
     for m in (1.0, 2.0):
-        with apply_steering(model, steering, multiplier=m), model.hooks(
-            fwd_hooks=[("blocks.1.hook_resid_pre", lambda act, hook: record.append(act.clone()))]
+        with (
+            apply_steering(model, steering, multiplier=m),
+            model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", lambda act, hook: record.append(act.clone()))]),
         ):
             logits(model, ids)
     with model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", lambda act, hook: record.append(act.clone()))]):

@@ -1,0 +1,128 @@
+"""``sims-lens run`` and ``sims-lens demo``: a SIMS run into a run folder, with a live table."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sims_lens.config import load_config
+
+DEMO_OVERRIDES = [
+    "iterations=3",
+    "prompts_per_iteration=16",
+    "samples_per_prompt=4",
+    "max_new_tokens=40",
+    "layers=[15]",
+    "multiplier=1.0",
+    'update="accumulate"',
+    'oracle="lexicon_sentiment"',
+    "heldout_size=20",
+]
+
+
+class TablePrinter:
+    """Prints one line per iteration: held-out reward of the policy next to the base model's."""
+
+    def __init__(self, oracle: str) -> None:
+        self.oracle = oracle
+        self.start = time.perf_counter()
+        self.base = float("nan")
+
+    def on_phase(self, iteration: int, phase: str, payload: dict[str, Any]) -> None:
+        if phase != "base":
+            return
+        base = payload["evaluation"]
+        self.base = base.reward_mean
+        print(f"held-out reward ({self.oracle}); base model pi_0: {self.base:.3f} (perplexity {base.perplexity:.2f})")
+        print(
+            f"{'iter':>4}  {'policy':>7}  {'base':>7}  {'win rate':>8}  {'ppl':>6}  {'len':>5}  "
+            f"{'pairs':>5}  {'dropped':>7}  {'time':>6}"
+        )
+        sys.stdout.flush()
+
+    def on_iteration(self, result: Any) -> None:
+        values = {(r["metric"], r["split"]): r["value"] for r in result.metrics if r["layer"] is None}
+        print(
+            f"{result.iteration:>4}  {values[('reward_mean', 'heldout')]:>7.3f}  {self.base:>7.3f}  "
+            f"{values[('win_rate_vs_base', 'heldout')]:>8.2f}  {values[('perplexity_under_base', 'heldout')]:>6.2f}  "
+            f"{values[('response_length', 'heldout')]:>5.1f}  {int(values[('pairs', 'train')]):>5}  "
+            f"{int(values[('dropped_prompts', 'train')]):>7}  {time.perf_counter() - self.start:>5.0f}s"
+        )
+        sys.stdout.flush()
+
+
+def run_command(args: argparse.Namespace, overrides: list[str] | None = None) -> int:
+    from sims_lens.loop import NotSeparableError
+    from sims_lens.run import prepare_folder, run_iterations, sims_from_config
+
+    given = args.config is not None or args.set or overrides
+    config = load_config(args.config, (overrides or []) + (args.set or [])) if given else None
+    folder, config, done = prepare_folder(Path(args.out), config, args.resume)
+    if done >= config.iterations:
+        print(f"{args.out} already finished {done} of {config.iterations} iterations; nothing to do")
+        return 0
+    printer = TablePrinter(config.oracle)
+    callbacks: list[Any] = [printer]
+    callbacks.extend(_analysis_callbacks(folder.path))
+    from sims_lens.run import RunWriter
+
+    sims = sims_from_config(config, progress=not args.no_progress)
+    sims.callbacks = [RunWriter(folder, sims.model), *callbacks]
+    print(
+        f"run folder {folder.path} ({'resuming after iteration ' + str(done) if done else 'new'}); "
+        f"model {config.model}, learner {config.learner}, layers {config.layers}, update {config.update}"
+    )
+    try:
+        for _ in run_iterations(sims, folder, done):
+            pass
+    except NotSeparableError as err:
+        print(
+            f"error: {err}. Finished iterations are kept in {folder.path}; fix the setting and --resume.",
+            file=sys.stderr,
+        )
+        return 2
+    print(f"done: {folder.path}/metrics.csv, samples.jsonl, steering/, config.toml")
+    return 0
+
+
+def _analysis_callbacks(run_dir: Path) -> list[Any]:
+    """Analysis plugs in here (the CLI is the only place that wires core and analysis together)."""
+    try:
+        from analysis.live import live_callbacks
+    except ImportError:
+        return []
+    return list(live_callbacks(run_dir))
+
+
+def register(sub: Any) -> None:
+    run = sub.add_parser("run", help="run SIMS into a run folder (resumable)")
+    run.add_argument("--config", default=None, help="a TOML configuration file")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a configuration key (dotted for tables: learners.hpr.epochs=20)",
+    )
+    run.add_argument("--out", required=True, help="the run folder")
+    run.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run from its last finished iteration"
+    )
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(func=run_command)
+
+    demo = sub.add_parser("demo", help="the main job: SIMS on the embedded model with the VADER oracle")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(func=demo_command)
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    args.config = None
+    args.resume = (out / "state.json").is_file()
+    return run_command(args, DEMO_OVERRIDES)

@@ -1,0 +1,256 @@
+"""Typed run configuration: dataclasses validated on construction, loadable from TOML and ``--set``.
+
+Top-level keys are the stable names of DESIGN.md section 4 (``model``, ``iterations``, ``oracle``,
+...). Each oracle and learner keeps its own settings in a nested table (``[oracles.self_judge]``,
+``[learners.hpr]``); contrast sampling has ``[contrast]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+UPDATES = ("refit", "accumulate", "ema")
+PAIRINGS = ("best_worst", "top_bottom")
+AGGREGATIONS = ("mean", "last")
+HOOK_SUFFIXES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key and the allowed values."""
+
+
+@dataclass
+class ContrastConfig:
+    """Contrast sampling (SIMS-CS): a memory bank of past samples, pairs by largest reward gap."""
+
+    bank_size: int = 512
+    max_pairs: int = 32
+
+    def __post_init__(self) -> None:
+        _check(self.bank_size >= 2, "contrast.bank_size", self.bank_size, "an integer >= 2")
+        _check(self.max_pairs >= 2, "contrast.max_pairs", self.max_pairs, "an integer >= 2")
+
+
+@dataclass
+class SimsConfig:
+    """Everything a SIMS run needs; ``config.toml`` in a run folder is this, resolved."""
+
+    model: str = "smollm2-135m-instruct"
+    dtype: str = "float32"
+    prompts: str = "builtin"
+    heldout_prompts: str = "builtin"
+    heldout_size: int = 20
+    iterations: int = 3
+    prompts_per_iteration: int = 16
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 40
+    temperature: float = 1.0
+    top_p: float = 0.95
+    oracle: str = "lexicon_sentiment"
+    learner: str = "mean_diff"
+    layers: list[int] | str = field(default_factory=lambda: [15])
+    hook: str = "hook_resid_post"
+    multiplier: float = 1.0
+    update: str = "accumulate"
+    update_rate: float = 1.0
+    contrast_sampling: bool = False
+    seed: int = 0
+    positions: str = "all"
+    aggregation: str = "mean"
+    pairing: str = "best_worst"
+    pairs_per_prompt: int = 1
+    margin: float = 0.05
+    eval_samples_per_prompt: int = 2
+    batch_size: int = 16
+    contrast: ContrastConfig = field(default_factory=ContrastConfig)
+    oracles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    learners: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.contrast, dict):
+            self.contrast = _build(ContrastConfig, self.contrast, "contrast")
+        from sims_lens.models import DTYPES
+        from sims_lens.steering.positions import validate_policy
+
+        _check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {sorted(DTYPES)}")
+        for key in (
+            "iterations",
+            "prompts_per_iteration",
+            "max_new_tokens",
+            "heldout_size",
+            "eval_samples_per_prompt",
+            "batch_size",
+            "pairs_per_prompt",
+        ):
+            value = getattr(self, key)
+            _check(isinstance(value, int) and value >= 1, key, value, "an integer >= 1")
+        _check(
+            isinstance(self.samples_per_prompt, int) and self.samples_per_prompt >= 2,
+            "samples_per_prompt",
+            self.samples_per_prompt,
+            "an integer >= 2 (the oracle compares K responses)",
+        )
+        _check(
+            2 * self.pairs_per_prompt <= self.samples_per_prompt,
+            "pairs_per_prompt",
+            self.pairs_per_prompt,
+            "at most samples_per_prompt / 2",
+        )
+        _check(self.temperature > 0, "temperature", self.temperature, "> 0 (SIMS samples K different responses)")
+        _check(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
+        _check(self.update in UPDATES, "update", self.update, f"one of {list(UPDATES)}")
+        _check(0 < self.update_rate <= 1, "update_rate", self.update_rate, "a number in (0, 1]")
+        _check(self.pairing in PAIRINGS, "pairing", self.pairing, f"one of {list(PAIRINGS)}")
+        _check(self.aggregation in AGGREGATIONS, "aggregation", self.aggregation, f"one of {list(AGGREGATIONS)}")
+        _check(self.margin >= 0, "margin", self.margin, "a number >= 0")
+        _check(self.hook in HOOK_SUFFIXES, "hook", self.hook, f"one of {list(HOOK_SUFFIXES)}")
+        try:
+            validate_policy(self.positions)
+        except ValueError as err:
+            raise ConfigError(f"positions: {err}") from None
+        self.layers = parse_layers(self.layers)
+
+    def hook_names(self, layers: list[int]) -> list[str]:
+        return [f"blocks.{layer}.{self.hook}" for layer in layers]
+
+    def oracle_settings(self) -> dict[str, Any]:
+        return dict(self.oracles.get(self.oracle, {}))
+
+    def learner_settings(self) -> dict[str, Any]:
+        return dict(self.learners.get(self.learner, {}))
+
+
+def parse_layers(value: Any) -> list[int] | str:
+    """``[3, 15]``, ``"all"``, ``"top:3"`` (best probe accuracy) or ``"3,15"``."""
+    allowed = "a list of layer indices, 'all', or 'top:K' (the K layers with the best probe accuracy)"
+    if isinstance(value, str):
+        text = value.strip()
+        if text == "all":
+            return "all"
+        if text.startswith("top:"):
+            k = text[4:]
+            _check(k.isdigit() and int(k) >= 1, "layers", value, allowed)
+            return f"top:{int(k)}"
+        parts = [p.strip() for p in text.strip("[]").split(",") if p.strip()]
+        _check(bool(parts) and all(p.lstrip("-").isdigit() for p in parts), "layers", value, allowed)
+        value = [int(p) for p in parts]
+    _check(
+        isinstance(value, list) and bool(value) and all(isinstance(v, int) and v >= 0 for v in value),
+        "layers",
+        value,
+        allowed,
+    )
+    return sorted(set(value))
+
+
+def resolve_layers(layers: list[int] | str, n_layers: int) -> list[int] | None:
+    """Concrete layers for a model; None for ``top:K`` (chosen from data in the first iteration)."""
+    if layers == "all":
+        return list(range(n_layers))
+    if isinstance(layers, str):
+        return None
+    bad = [layer for layer in layers if layer >= n_layers]
+    if bad:
+        raise ConfigError(f"layers: {bad} out of range; the model has {n_layers} layers (0-{n_layers - 1})")
+    return list(layers)
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} is not allowed; use {allowed}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        where = f"[{prefix}] " if prefix else ""
+        raise ConfigError(f"unknown configuration key {where}{unknown[0]!r}; known keys: {sorted(known)}")
+    return cls(**data)
+
+
+def config_from_dict(data: dict[str, Any]) -> SimsConfig:
+    config: SimsConfig = _build(SimsConfig, data)
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SimsConfig:
+    """Read a TOML file (or the defaults) and apply ``key=value`` overrides (dotted for tables)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    for item in overrides or []:
+        apply_override(data, item)
+    return config_from_dict(data)
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one ``key=value``; the value is read as TOML (numbers, booleans, lists), else as a string."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    *parents, leaf = key.strip().split(".")
+    target = data
+    for part in parents:
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a table")
+    target[leaf] = value
+
+
+def config_to_dict(config: SimsConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """A small TOML writer for the configuration's types (scalars, lists, nested tables)."""
+    lines: list[str] = []
+    tables: list[tuple[str, dict[str, Any]]] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        elif value is not None:
+            lines.append(f"{key} = {_toml_value(value)}")
+    out = "\n".join(lines) + "\n"
+    for name, table in tables:
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        nested = {k: v for k, v in table.items() if isinstance(v, dict)}
+        if scalars or not nested:
+            out += f"\n[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in scalars.items() if v is not None)
+        for sub, values in nested.items():
+            out += f"\n[{name}.{sub}]\n" + "".join(
+                f"{k} = {_toml_value(v)}\n" for k, v in values.items() if v is not None
+            )
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise ConfigError(f"cannot write {value!r} to TOML")
+
+
+def save_config(config: SimsConfig, path: str | Path) -> None:
+    Path(path).write_text(to_toml(config_to_dict(config)))

@@ -1,0 +1,99 @@
+"""Held-out evaluation of a policy against the base model.
+
+The same held-out prompts are sampled with the same seed under pi_0 and pi_t, so reward
+differences are paired. Fluency cost is the perplexity of the policy's responses under the
+*base* model (steered text that degrades into word salad gets a high perplexity).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sims_lens.capture import padded_forward_kwargs
+from sims_lens.chat import Exchange, encode_chat, left_pad
+from sims_lens.generation import GenerationSettings, decode_response, generate_ids
+from sims_lens.prompts import Prompt
+from sims_lens.steering.functions import SteeringSet
+from sims_lens.steering.hooks import apply_steering
+
+
+@dataclass
+class Evaluation:
+    """Responses to the held-out prompts (``samples_per_prompt`` each, prompt-major) and their scores."""
+
+    prompt_ids: list[str]
+    responses: list[str]
+    exchanges: list[Exchange]
+    rewards: list[float]
+    nll: list[float]
+
+    @property
+    def reward_mean(self) -> float:
+        return sum(self.rewards) / len(self.rewards)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(sum(self.nll) / len(self.nll))
+
+    @property
+    def response_length(self) -> float:
+        return sum(len(ex.response_ids) for ex in self.exchanges) / len(self.exchanges)
+
+
+@torch.no_grad()
+def response_nll(model: Any, exchanges: Sequence[Exchange], pad_id: int, batch_size: int = 16) -> list[float]:
+    """Mean negative log-likelihood per response token under ``model`` (call it unsteered)."""
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for start in range(0, len(exchanges), batch_size):
+        chunk = exchanges[start : start + batch_size]
+        ids, mask = left_pad([ex.ids for ex in chunk], pad_id)
+        kwargs = {k: v.to(device) for k, v in padded_forward_kwargs(mask).items()}
+        logprobs = model(ids.to(device), **kwargs).float().log_softmax(-1)
+        width = ids.shape[1]
+        for row, ex in enumerate(chunk):
+            n = len(ex.response_ids)
+            targets = ids[row, width - n :].to(device)
+            predicted = logprobs[row, width - n - 1 : width - 1]
+            out.append(float(-predicted.gather(-1, targets.unsqueeze(-1)).mean()))
+    return out
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    oracle: Any,
+    settings: GenerationSettings,
+    *,
+    steering: SteeringSet | None = None,
+    samples_per_prompt: int = 2,
+    seed: int = 0,
+) -> Evaluation:
+    """Sample the policy (base model plus ``steering``) on held-out prompts and score it."""
+    expanded = [p for p in prompts for _ in range(samples_per_prompt)]
+    ids = [encode_chat(tokenizer, p.text) for p in expanded]
+    with apply_steering(model, steering) if steering is not None and len(steering) else nullcontext():
+        exchanges = generate_ids(model, tokenizer, ids, settings, seed=seed)
+    responses = [decode_response(tokenizer, ex) for ex in exchanges]
+    scores = oracle.score(
+        [p.text for p in prompts],
+        [responses[i * samples_per_prompt : (i + 1) * samples_per_prompt] for i in range(len(prompts))],
+    )
+    rewards = [float(s) for group in scores for s in group]
+    nll = response_nll(model, exchanges, int(tokenizer.pad_token_id), settings.batch_size)
+    return Evaluation([p.id for p in expanded], responses, exchanges, rewards, nll)
+
+
+def win_rate(policy: Sequence[float], base: Sequence[float]) -> float:
+    """Fraction of paired samples where the policy's reward beats the base's (ties count half)."""
+    if len(policy) != len(base) or not policy:
+        raise ValueError("win rate needs the same, non-zero number of policy and base rewards")
+    wins = sum(1.0 if p > b else 0.5 if p == b else 0.0 for p, b in zip(policy, base, strict=True))
+    return wins / len(policy)

@@ -1,0 +1,229 @@
+"""The SIMS loop on the tiny model: end to end, pair selection, capture, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from sims_lens.capture import capture_tokens, padded_forward_kwargs, reduce_tokens
+from sims_lens.chat import Exchange, encode_chat, left_pad
+from sims_lens.config import load_config
+from sims_lens.contrast import MemoryBank, Sample, select_pairs
+from sims_lens.loop import NotSeparableError, Sims
+from sims_lens.prompts import Prompt
+from sims_lens.run import RunFolder, prepare_folder, run_iterations
+from sims_lens.steering.io import load_steering
+from sims_lens.steering.learners import make_learner
+
+
+@dataclass
+class LetterOracle:
+    """Deterministic: the share of the letter 'e' in a response (a stand-in for a reward model)."""
+
+    name: str = "letter_e"
+
+    def score(self, prompts, responses):
+        return [[r.count("e") / max(len(r), 1) + 1e-3 * len(r) for r in group] for group in responses]
+
+
+@dataclass
+class ConstantOracle:
+    name: str = "constant"
+
+    def score(self, prompts, responses):
+        return [[0.0 for _ in group] for group in responses]
+
+
+TRAIN = [
+    Prompt(f"t{i}", text)
+    for i, text in enumerate(
+        [
+            "Tell me a story",
+            "What is the sea?",
+            "Write a short poem",
+            "How do I cook rice?",
+            "Explain gravity",
+            "Give me three tips",
+            "Describe the weather",
+            "What time is it?",
+        ]
+    )
+]
+HELDOUT = [Prompt("h0", "Tell me about dogs"), Prompt("h1", "What is a poem?")]
+
+
+def tiny_sims(tiny, oracle=None, **overrides) -> Sims:
+    model, tok = tiny
+    settings = {
+        "iterations": 2,
+        "prompts_per_iteration": 4,
+        "samples_per_prompt": 3,
+        "max_new_tokens": 6,
+        "layers": [0, 1],
+        "multiplier": 1.0,
+        "margin": 0.0,
+        "eval_samples_per_prompt": 1,
+        "heldout_size": 2,
+        "batch_size": 8,
+        "temperature": 1.0,
+        "top_p": 1.0,
+    }
+    settings.update(overrides)
+    config = load_config(None, [f"{k}={json.dumps(v)}" for k, v in settings.items()])
+    return Sims(
+        model, tok, config, TRAIN, HELDOUT, oracle or LetterOracle(), make_learner(config.learner), progress=False
+    )
+
+
+def sample(pid: str, reward: float, it: int = 1) -> Sample:
+    return Sample(it, pid, "p", f"r{reward}", Exchange((1,), (2,)), reward)
+
+
+def test_best_vs_worst_and_tie_dropping():
+    samples = [sample("a", 0.1), sample("a", 0.9), sample("a", 0.5), sample("b", 0.3), sample("b", 0.3)]
+    selection = select_pairs(samples, margin=0.0)
+    assert [(p.positive.reward, p.negative.reward) for p in selection.pairs] == [(0.9, 0.1)]
+    assert selection.dropped_prompts == 1 and selection.considered_prompts == 2
+    assert select_pairs(samples, margin=0.9).dropped_prompts == 2
+
+
+def test_top_k_vs_bottom_k():
+    samples = [sample("a", r) for r in (0.1, 0.2, 0.8, 0.9)]
+    selection = select_pairs(samples, pairs_per_prompt=2)
+    assert [(p.positive.reward, p.negative.reward) for p in selection.pairs] == [(0.9, 0.1), (0.8, 0.2)]
+
+
+def test_contrast_sampling_picks_largest_margins_across_iterations_and_evicts_old():
+    bank = MemoryBank(size=6)
+    bank.add([sample("a", 0.4, 1), sample("a", 0.5, 1), sample("b", 0.0, 1), sample("b", 0.1, 1)])
+    bank.add([sample("a", 1.0, 2), sample("c", 0.2, 2), sample("c", 0.9, 2)])
+    assert len(bank.samples) == 6  # the oldest sample was evicted
+    selection = bank.select(margin=0.05, max_pairs=2)
+    assert [round(p.margin, 3) for p in selection.pairs] == [0.7, 0.5]
+    assert selection.pairs[1].positive.iteration == 2 and selection.pairs[1].negative.iteration == 1
+
+
+def test_capture_uses_only_response_tokens_and_never_padding(tiny):
+    model, tok = tiny
+    exchanges = [
+        Exchange(tuple(encode_chat(tok, "Hi")), (50, 60, 70)),
+        Exchange(tuple(encode_chat(tok, "Tell me a long story about the sea")), (80, 90)),
+        Exchange(tuple(encode_chat(tok, "Why?")), (11, 12, 13, 14, 15)),
+    ]
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre"]
+    captured = reduce_tokens(capture_tokens(model, exchanges, hooks, tok.pad_token_id, batch_size=3), "mean")
+    ids, mask = left_pad([ex.ids for ex in exchanges], tok.pad_token_id)
+    _, cache = model.run_with_cache(ids, **padded_forward_kwargs(mask))
+    width = ids.shape[1]
+    for row, ex in enumerate(exchanges):
+        start = width - len(ex.response_ids)
+        for j, hook in enumerate(hooks):
+            expected = cache[hook][row, start:].mean(0)
+            torch.testing.assert_close(captured[row, j], expected, atol=1e-5, rtol=1e-5)
+        # and the same sample alone (no padding) gives the same activations
+        alone = reduce_tokens(capture_tokens(model, [ex], hooks, tok.pad_token_id), "mean")
+        torch.testing.assert_close(captured[row], alone[0], atol=1e-4, rtol=1e-4)
+
+
+def test_two_iterations_end_to_end(tiny):
+    sims = tiny_sims(tiny)
+    results = list(sims.iterate())
+    assert [r.iteration for r in results] == [1, 2]
+    assert sims.state is not None and sims.state.base_heldout is not None
+    for r in results:
+        assert r.hooks == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+        assert len(r.samples) == 4 * 3 and {s.label for s in r.samples} <= {"+", "-", ""}
+        assert sum(s.label == "+" for s in r.samples) == len(r.selection.pairs) > 0
+        assert all(p.positive.reward > p.negative.reward for p in r.selection.pairs)
+        metrics = {(m["metric"], m["split"], m["layer"]) for m in r.metrics}
+        for name in ["reward_mean", "win_rate_vs_base", "perplexity_under_base", "response_length"]:
+            assert (name, "heldout", None) in metrics
+    # accumulate: the policy after two iterations is the sum of the two updates
+    for hook in results[1].hooks:
+        expected = results[0].update.direction(hook) + results[1].update.direction(hook)
+        torch.testing.assert_close(results[1].policy.direction(hook), expected)
+
+
+def test_refit_keeps_only_the_latest_update(tiny):
+    results = list(tiny_sims(tiny, update="refit").iterate())
+    hook = results[1].hooks[0]
+    torch.testing.assert_close(results[1].policy.direction(hook), results[1].update.direction(hook))
+
+
+def test_an_oracle_that_cannot_separate_is_a_clear_error(tiny):
+    with pytest.raises(NotSeparableError, match="margin"):
+        list(tiny_sims(tiny, ConstantOracle()).iterate())
+
+
+def test_top_k_layers_by_probe_accuracy(tiny):
+    results = list(tiny_sims(tiny, layers="top:1", iterations=1, prompts_per_iteration=8).iterate())
+    assert len(results[0].hooks) == 1
+
+
+def test_hpr_runs_in_the_loop(tiny):
+    results = list(tiny_sims(tiny, learner="hpr", iterations=1, learners={"hpr": {"epochs": 5}}).iterate())
+    assert results[0].policy.functions[results[0].hooks[0]][0].kind == "hpr"
+
+
+class Interrupt(Exception):
+    pass
+
+
+class StopAfter:
+    def __init__(self, iteration: int) -> None:
+        self.iteration = iteration
+
+    def on_phase(self, iteration, phase, payload):
+        if iteration == self.iteration and phase == "sample":
+            raise Interrupt
+
+
+def test_interrupted_run_resumes_from_the_last_finished_iteration(tiny, tmp_path: Path):
+    from sims_lens.run import RunWriter
+
+    out = tmp_path / "run"
+    sims = tiny_sims(tiny)
+    folder, _, done = prepare_folder(out, sims.config, resume=False)
+    sims.callbacks = [RunWriter(folder, sims.model), StopAfter(2)]
+    with pytest.raises(Interrupt):
+        list(run_iterations(sims, folder, done))
+    assert json.loads((out / "state.json").read_text())["completed_iterations"] == 1
+    first = (out / "steering" / "iter_001.safetensors").read_bytes()
+
+    folder, _, done = prepare_folder(out, None, resume=True)
+    assert done == 1
+    resumed = tiny_sims(tiny)
+    resumed.callbacks = [RunWriter(folder, resumed.model)]
+    results = list(run_iterations(resumed, folder, done))
+    assert [r.iteration for r in results] == [2]
+    assert (out / "steering" / "iter_001.safetensors").read_bytes() == first
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert sorted({s["iteration"] for s in samples}) == [1, 2] and len(samples) == 2 * 4 * 3
+    assert set(samples[0]) >= {"iteration", "prompt_id", "prompt", "response", "reward", "label"}
+    with (out / "metrics.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["iteration", "split", "metric", "layer", "value"]
+    assert {r["iteration"] for r in rows} == {"0", "1", "2"}
+    assert sum(r["metric"] == "reward_mean" and r["split"] == "heldout" for r in rows) == 3
+    policy = load_steering(out / "steering" / "iter_002.safetensors", resumed.model)
+    assert policy.iteration == 2
+    assert RunFolder(out).read_state()["layers"] == [0, 1]
+
+
+def test_existing_folder_without_resume_and_changed_config_are_refused(tiny, tmp_path: Path):
+    from sims_lens.run import RunFolderError
+
+    sims = tiny_sims(tiny)
+    prepare_folder(tmp_path / "r", sims.config, resume=False)
+    with pytest.raises(RunFolderError, match="--resume"):
+        prepare_folder(tmp_path / "r", sims.config, resume=False)
+    changed = load_config(None, ['learner="pca"'])
+    with pytest.raises(RunFolderError, match="changed"):
+        prepare_folder(tmp_path / "r", changed, resume=True)
+    with pytest.raises(RunFolderError, match=r"no config\.toml"):
+        prepare_folder(tmp_path / "empty", None, resume=True)
