@@ -58,8 +58,12 @@ def run_command(args: argparse.Namespace, overrides: list[str] | None = None) ->
     from sims_lens.loop import NotSeparableError
     from sims_lens.run import prepare_folder, run_iterations, sims_from_config
 
-    given = args.config is not None or args.set or overrides
-    config = load_config(args.config, (overrides or []) + (args.set or [])) if given else None
+    sets = (overrides or []) + (args.set or [])
+    saved = Path(args.out) / "config.toml"
+    if args.config is None and args.resume and saved.is_file():
+        config = load_config(saved, sets)  # resume: the run's own config, with any --set applied
+    else:
+        config = load_config(args.config, sets) if (args.config is not None or sets) else None
     folder, config, done = prepare_folder(Path(args.out), config, args.resume)
     if done >= config.iterations:
         print(f"{args.out} already finished {done} of {config.iterations} iterations; nothing to do")
@@ -114,11 +118,29 @@ def register(sub: Any) -> None:
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(func=run_command)
 
+    report = sub.add_parser("report", help="rebuild a run folder's figures and index.html; print its held-out table")
+    report.add_argument("run_dir", help="a run folder (finished or partial)")
+    report.set_defaults(func=report_command)
+
     demo = sub.add_parser("demo", help="the main job: SIMS on the embedded model with the VADER oracle")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=demo_command)
+
+
+def report_command(args: argparse.Namespace) -> int:
+    """``sims-lens report RUN_DIR``: figures and summary from the run folder alone."""
+    try:
+        from analysis.report import report, summary_table
+    except ImportError as err:
+        raise ValueError(f"'sims-lens report' needs the analysis package next to sims_lens ({err})") from None
+    table = summary_table(Path(args.run_dir))
+    index = report(Path(args.run_dir))
+    print(f"held-out metrics of {args.run_dir} (iteration 0 = base model):")
+    print(table.to_string(float_format=lambda x: f"{x:.3f}", na_rep="-"))
+    print(f"figures: {index}")
+    return 0
 
 
 def demo_command(args: argparse.Namespace) -> int:

@@ -51,6 +51,7 @@ class SimsConfig:
     temperature: float = 1.0
     top_p: float = 0.95
     oracle: str = "lexicon_sentiment"
+    reference_oracle: str = ""
     learner: str = "mean_diff"
     layers: list[int] | str = field(default_factory=lambda: [15])
     hook: str = "hook_resid_post"

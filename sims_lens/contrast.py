@@ -26,6 +26,7 @@ class Sample:
     exchange: Exchange
     reward: float
     label: str = ""
+    reference_reward: float | None = None
 
     def to_record(self) -> dict[str, object]:
         return {
@@ -35,6 +36,7 @@ class Sample:
             "response": self.response,
             "reward": self.reward,
             "label": self.label,
+            **({} if self.reference_reward is None else {"reference_reward": self.reference_reward}),
             "response_ids": list(self.exchange.response_ids),
         }
 

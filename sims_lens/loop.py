@@ -24,9 +24,10 @@ from tqdm.auto import tqdm
 from sims_lens.capture import capture_tokens, pair_tokens, reduce_tokens
 from sims_lens.chat import encode_chat
 from sims_lens.config import SimsConfig, resolve_layers
-from sims_lens.contrast import MemoryBank, Sample, Selection, label_samples, select_pairs
+from sims_lens.contrast import MemoryBank, Sample, Selection, group_by_prompt, label_samples, select_pairs
 from sims_lens.evaluation import Evaluation, evaluate, win_rate
 from sims_lens.generation import GenerationSettings, decode_response, generate_ids
+from sims_lens.oracles.base import agreement
 from sims_lens.prompts import Prompt, sample_batch
 from sims_lens.steering.functions import SteeringSet
 from sims_lens.steering.hooks import apply_steering
@@ -89,6 +90,8 @@ class Sims:
     callbacks: Sequence[Callback] = ()
     progress: bool = True
     state: LoopState | None = None
+    reference: Any = None
+    """An optional second oracle; its agreement with ``oracle`` is logged as ``oracle_agreement``."""
 
     @property
     def generation(self) -> GenerationSettings:
@@ -104,8 +107,8 @@ class Sims:
             if hasattr(cb, "on_phase"):
                 cb.on_phase(iteration, phase, payload)
 
-    def _bar(self, total: int, desc: str) -> Any:
-        return tqdm(total=total, desc=desc, unit="seq", leave=False, disable=not self.progress)
+    def _bar(self, total: int, desc: str, unit: str = "seq") -> Any:
+        return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not self.progress)
 
     def _policy(self, state: LoopState) -> Any:
         return (
@@ -130,14 +133,42 @@ class Sims:
             )
         responses = [decode_response(self.tokenizer, ex) for ex in exchanges]
         groups = [responses[i * k : (i + 1) * k] for i in range(len(prompts))]
-        judge_with_policy = getattr(self.oracle, "name", "") == "self_judge"
-        with self._policy(state) if judge_with_policy else nullcontext():
-            scores = self.oracle.score([p.text for p in prompts], groups)
+        # SIMS-PR: the self-judge ranks as the current policy (its hooks stay on while it judges)
+        as_policy = getattr(self.oracle, "name", "") == "self_judge"
+        scores = self.score(iteration, self.oracle, prompts, groups, state if as_policy else None)
+        reference = self.score(iteration, self.reference, prompts, groups, None) if self.reference is not None else None
         return [
-            Sample(iteration, p.id, p.text, responses[i * k + j], exchanges[i * k + j], float(scores[i][j]))
+            Sample(
+                iteration,
+                p.id,
+                p.text,
+                responses[i * k + j],
+                exchanges[i * k + j],
+                float(scores[i][j]),
+                reference_reward=None if reference is None else float(reference[i][j]),
+            )
             for i, p in enumerate(prompts)
             for j in range(k)
         ]
+
+    def score(
+        self,
+        iteration: int,
+        oracle: Any,
+        prompts: Sequence[Prompt],
+        groups: list[list[str]],
+        policy_state: LoopState | None,
+    ) -> list[list[float]]:
+        """An oracle's scores, a few prompts at a time (with a progress bar); under the policy if given."""
+        step = max(1, self.config.batch_size // self.config.samples_per_prompt)
+        scores: list[list[float]] = []
+        policy = self._policy(policy_state) if policy_state is not None else nullcontext()
+        with self._bar(len(prompts), f"iter {iteration}: scoring ({oracle.name})", unit="prompt") as bar, policy:
+            for start in range(0, len(prompts), step):
+                texts = [p.text for p in prompts[start : start + step]]
+                scores.extend(oracle.score(texts, groups[start : start + step]))
+                bar.update(len(texts))
+        return scores
 
     def select(self, samples: list[Sample], state: LoopState) -> Selection:
         """D+ / D-: this batch's best vs worst, or the highest-margin pairs of the memory bank."""
@@ -326,6 +357,19 @@ def iteration_metrics(
         _row(iteration, "train", "pairs", len(selection.pairs)),
         _row(iteration, "train", "dropped_prompts", selection.dropped_prompts),
     ]
+    if samples and samples[0].reference_reward is not None:
+        groups = group_by_prompt(samples).values()
+        rows.append(
+            _row(
+                iteration,
+                "train",
+                "oracle_agreement",
+                agreement(
+                    [[s.reward for s in g] for g in groups],
+                    [[float(s.reference_reward or 0.0) for s in g] for g in groups],
+                ),
+            )
+        )
     for i, hook in enumerate(hooks):
         layer = int(hook.split(".")[1])
         rows.append(_row(iteration, "train", "update_norm", update.norms()[hook], layer))

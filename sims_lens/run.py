@@ -259,4 +259,12 @@ def sims_from_config(
     if model is None:
         model, tokenizer = load_model(config.model, dtype=config.dtype)
     oracle = make_oracle(config.oracle, config.oracle_settings(), model=model, tokenizer=tokenizer)
-    return Sims(model, tokenizer, config, train, heldout, oracle, learner, callbacks, progress)
+    reference = None
+    if config.reference_oracle:
+        reference = make_oracle(
+            config.reference_oracle,
+            dict(config.oracles.get(config.reference_oracle, {})),
+            model=model,
+            tokenizer=tokenizer,
+        )
+    return Sims(model, tokenizer, config, train, heldout, oracle, learner, callbacks, progress, reference=reference)

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from sims_lens.steering.functions import SteeringSet, layer_of
@@ -47,10 +48,22 @@ def make_hook_fn(
     (``blocks.3.hook_out``) for aliases such as ``blocks.3.hook_resid_post``.
     """
 
+    functions = steering.functions[name]
+    if all(fn.kind == "add" for fn in functions):
+        # the common case, kept cheap: one precomputed vector per hook
+        total = multiplier * torch.stack([fn.multiplier * fn.params["vector"] for fn in functions]).sum(0)
+
+        def edit(act: Tensor) -> Tensor:
+            return act + total
+
+    else:
+
+        def edit(act: Tensor) -> Tensor:
+            return steering(name, act, multiplier)
+
     def hook_fn(act: Tensor, hook: Any) -> Tensor:
-        tracker = current_tracker(model)
-        edited = steering(name, act, multiplier)
-        mask = position_mask(positions, act.shape[0], act.shape[1], tracker, act.device)
+        edited = edit(act)
+        mask = position_mask(positions, act.shape[0], act.shape[1], current_tracker(model), act.device)
         if mask is None:
             return edited
         return edited.where(mask.unsqueeze(-1), act)

@@ -41,6 +41,8 @@ class PositionTracker:
     seen: int = 0
     offset: int = 0
     pad_counts: Int[Tensor, " batch"] = field(init=False)
+    masks: dict[tuple[str, int, int], Tensor | None] = field(default_factory=dict)
+    """Masks of the current forward by (policy, batch, seq_len): computed once, shared by every hook."""
 
     def __post_init__(self) -> None:
         self.prompt_mask = self.prompt_mask.bool()
@@ -54,6 +56,7 @@ class PositionTracker:
         """Record one forward of ``seq_len`` tokens (prefill, cached step or full re-run)."""
         self.offset = self.seen if (seq_len == 1 and self.seen > 0) else 0
         self.seen = self.offset + seq_len
+        self.masks.clear()
 
 
 _TRACKERS: dict[int, PositionTracker] = {}
@@ -88,13 +91,26 @@ def position_mask(
 ) -> Bool[Tensor, "batch pos"] | None:
     """Positions of the current forward that ``policy`` edits; None means all of them."""
     if tracker is None:
-        if policy in {"all", "prompt"}:
-            return None
-        if policy == "generated":
-            return torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
-        start = int(policy.split(":")[1])
-        index = torch.arange(seq_len, device=device)
-        return (index >= start).expand(batch, seq_len)
+        return _untracked_mask(policy, batch, seq_len, device)
+    key = (policy, batch, seq_len)
+    if key not in tracker.masks:
+        mask = _tracked_mask(policy, batch, seq_len, tracker)
+        tracker.masks[key] = None if bool(mask.all()) else mask.to(device)
+    return tracker.masks[key]
+
+
+def _untracked_mask(policy: str, batch: int, seq_len: int, device: torch.device) -> Tensor | None:
+    """A plain forward: one unpadded sequence of prompt tokens per row."""
+    if policy in {"all", "prompt"}:
+        return None
+    if policy == "generated":
+        return torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
+    start = int(policy.split(":")[1])
+    index = torch.arange(seq_len, device=device)
+    return (index >= start).expand(batch, seq_len)
+
+
+def _tracked_mask(policy: str, batch: int, seq_len: int, tracker: PositionTracker) -> Tensor:
     width = tracker.prompt_width
     absolute = torch.arange(tracker.offset, tracker.offset + seq_len)
     in_prompt = absolute < width
@@ -111,4 +127,4 @@ def position_mask(
         start = int(policy.split(":")[1])
         row_position = absolute.unsqueeze(0) - tracker.pad_counts.unsqueeze(1)
         mask = real & (row_position >= start)
-    return mask.to(device)
+    return mask

@@ -227,3 +227,12 @@ def test_existing_folder_without_resume_and_changed_config_are_refused(tiny, tmp
         prepare_folder(tmp_path / "r", changed, resume=True)
     with pytest.raises(RunFolderError, match=r"no config\.toml"):
         prepare_folder(tmp_path / "empty", None, resume=True)
+
+
+def test_reference_oracle_agreement_is_logged(tiny):
+    sims = tiny_sims(tiny, iterations=1)
+    sims.reference = LetterOracle()
+    [result] = list(sims.iterate())
+    rows = [r for r in result.metrics if r["metric"] == "oracle_agreement"]
+    assert len(rows) == 1 and rows[0]["value"] == pytest.approx(1.0)
+    assert all(s.reference_reward == s.reward for s in result.samples)

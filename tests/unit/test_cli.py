@@ -1,0 +1,55 @@
+"""The command line: help, and one clear error line with exit status 2 for bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from sims_lens.cli import main
+
+
+def test_help_lists_the_subcommands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("info", "run", "demo", "steer-demo"):
+        assert command in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--set", "iterations=0"], "iterations = 0 is not allowed"),
+        (["--set", "update=sideways"], "update = 'sideways' is not allowed; use one of"),
+        (["--set", "colour=blue"], "unknown configuration key 'colour'"),
+        (["--set", "layers=top:zero"], "layers = 'top:zero'"),
+        (["--config", "missing.toml"], "config file missing.toml does not exist"),
+        (["--set", "positions=late"], "position policy"),
+    ],
+)
+def test_bad_configuration_is_one_clear_error(tmp_path, capsys, argv, message):
+    code = main(["run", "--out", str(tmp_path / "run"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and message in err
+    assert err.count("\n") == 1
+
+
+def test_malformed_toml_is_reported(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("iterations = = 3\n")
+    assert main(["run", "--config", str(bad), "--out", str(tmp_path / "run")]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+
+
+def test_existing_run_folder_needs_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.toml").write_text("iterations = 1\n")
+    assert main(["run", "--out", str(out), "--set", "iterations=1"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_resume_without_a_run_is_refused(tmp_path, capsys):
+    assert main(["run", "--out", str(tmp_path / "nothing"), "--resume"]) == 2
+    assert "no config.toml" in capsys.readouterr().err
