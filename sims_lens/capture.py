@@ -9,7 +9,7 @@ tensors are kept, never the full cache.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -24,6 +24,16 @@ AGGREGATIONS = ("mean", "last", "tokens")
 def padded_forward_kwargs(mask: Tensor) -> dict[str, Tensor]:
     """Attention mask and matching position ids for a left-padded batch."""
     return {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+
+
+def padded_batches(
+    exchanges: Sequence[Exchange], pad_id: int, batch_size: int, device: torch.device
+) -> Iterator[tuple[Sequence[Exchange], Tensor, dict[str, Tensor]]]:
+    """Left-padded batches of (prompt + response) ids with their forward kwargs, on ``device``."""
+    for start in range(0, len(exchanges), batch_size):
+        chunk = exchanges[start : start + batch_size]
+        ids, mask = left_pad([ex.ids for ex in chunk], pad_id)
+        yield chunk, ids.to(device), {k: v.to(device) for k, v in padded_forward_kwargs(mask).items()}
 
 
 @torch.no_grad()
@@ -44,11 +54,8 @@ def capture_tokens(
     wanted = set(hooks)
     device = next(model.parameters()).device
     out: list[Tensor] = []
-    for start in range(0, len(exchanges), batch_size):
-        chunk = exchanges[start : start + batch_size]
-        ids, mask = left_pad([ex.ids for ex in chunk], pad_id)
-        kwargs = {k: v.to(device) for k, v in padded_forward_kwargs(mask).items()}
-        _, cache = model.run_with_cache(ids.to(device), names_filter=lambda name: name in wanted, **kwargs)
+    for chunk, ids, kwargs in padded_batches(exchanges, pad_id, batch_size, device):
+        _, cache = model.run_with_cache(ids, names_filter=lambda name: name in wanted, **kwargs)
         stacked = torch.stack([cache[h] for h in hooks], dim=2)  # [batch, pos, n_hooks, d_model]
         width = ids.shape[1]
         for row, ex in enumerate(chunk):

@@ -85,13 +85,8 @@ def prompt_pairs(group: Sequence[Sample], k: int, margin: float) -> list[Pair]:
 def select_pairs(samples: Sequence[Sample], *, pairs_per_prompt: int = 1, margin: float = 0.0) -> Selection:
     """Best-vs-worst (``pairs_per_prompt=1``) or top-k-vs-bottom-k pairs from this batch."""
     groups = group_by_prompt(samples)
-    pairs: list[Pair] = []
-    dropped = 0
-    for group in groups.values():
-        chosen = prompt_pairs(group, pairs_per_prompt, margin)
-        dropped += not chosen
-        pairs.extend(chosen)
-    return Selection(pairs, dropped, len(groups))
+    chosen = [prompt_pairs(group, pairs_per_prompt, margin) for group in groups.values()]
+    return Selection([p for pairs in chosen for p in pairs], sum(not pairs for pairs in chosen), len(groups))
 
 
 @dataclass
@@ -108,15 +103,9 @@ class MemoryBank:
 
     def select(self, *, margin: float, max_pairs: int, pairs_per_prompt: int = 1) -> Selection:
         """The highest-margin pairs in the bank (within each prompt), largest gap first."""
-        groups = group_by_prompt(self.samples)
-        candidates: list[Pair] = []
-        dropped = 0
-        for group in groups.values():
-            chosen = prompt_pairs(group, pairs_per_prompt, margin)
-            dropped += not chosen
-            candidates.extend(chosen)
-        candidates.sort(key=lambda p: p.margin, reverse=True)
-        return Selection(candidates[:max_pairs], dropped, len(groups))
+        everything = select_pairs(self.samples, pairs_per_prompt=pairs_per_prompt, margin=margin)
+        ranked = sorted(everything.pairs, key=lambda p: p.margin, reverse=True)
+        return Selection(ranked[:max_pairs], everything.dropped_prompts, everything.considered_prompts)
 
 
 def label_samples(samples: Sequence[Sample], selection: Selection) -> None:

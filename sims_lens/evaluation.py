@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from sims_lens.capture import padded_forward_kwargs
-from sims_lens.chat import Exchange, encode_chat, left_pad
+from sims_lens.capture import padded_batches
+from sims_lens.chat import Exchange, encode_chat
 from sims_lens.generation import GenerationSettings, decode_response, generate_ids
 from sims_lens.prompts import Prompt
 from sims_lens.steering.functions import SteeringSet
@@ -51,15 +51,12 @@ def response_nll(model: Any, exchanges: Sequence[Exchange], pad_id: int, batch_s
     """Mean negative log-likelihood per response token under ``model`` (call it unsteered)."""
     device = next(model.parameters()).device
     out: list[float] = []
-    for start in range(0, len(exchanges), batch_size):
-        chunk = exchanges[start : start + batch_size]
-        ids, mask = left_pad([ex.ids for ex in chunk], pad_id)
-        kwargs = {k: v.to(device) for k, v in padded_forward_kwargs(mask).items()}
-        logprobs = model(ids.to(device), **kwargs).float().log_softmax(-1)
+    for chunk, ids, kwargs in padded_batches(exchanges, pad_id, batch_size, device):
+        logprobs = model(ids, **kwargs).float().log_softmax(-1)
         width = ids.shape[1]
         for row, ex in enumerate(chunk):
             n = len(ex.response_ids)
-            targets = ids[row, width - n :].to(device)
+            targets = ids[row, width - n :]
             predicted = logprobs[row, width - n - 1 : width - 1]
             out.append(float(-predicted.gather(-1, targets.unsqueeze(-1)).mean()))
     return out
