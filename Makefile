@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN_DIR ?= runs/demo
 
-.PHONY: demo test unit integration lint install install-dev bench figures clean
+.PHONY: demo test unit integration lint install install-dev bench figures report clean
 
 $(VENV)/.installed: pyproject.toml scripts/install.sh
 	VENV=$(VENV) scripts/install.sh
@@ -35,6 +35,12 @@ lint: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/steering_throughput.py
+
+figures: $(VENV)/.installed
+	$(PY) -m analysis.make_figures $(RUN_DIR) --out figures
+
+report: $(VENV)/.installed
+	$(PY) -m sims_lens.cli report $(RUN_DIR)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,12 @@
+"""Analysis of SIMS runs: it reads callback payloads and run folders; ``sims_lens`` never imports it.
+
+- :mod:`analysis.geometry`: cosines of steering directions across iterations and layers, drift, norms
+- :mod:`analysis.separability`: probe accuracy and Fisher ratio of H+ vs H- per layer
+- :mod:`analysis.logit_lens`: the tokens a direction promotes and suppresses through the unembedding
+- :mod:`analysis.figures`: plotly figures and ``RUN/figures/index.html``
+- :mod:`analysis.live`: the loop callback that records metrics and rewrites the figures every iteration
+- :mod:`analysis.report`: figures and the held-out summary rebuilt from a run folder alone
+- :mod:`analysis.ablations`: held-out reward per layer, per left-out layer and per multiplier
+- :mod:`analysis.run_data`, :mod:`analysis.small_run`, :mod:`analysis.svg`, :mod:`analysis.make_figures`:
+  reading a run folder, making a small one, static SVG export, the README figures
+"""

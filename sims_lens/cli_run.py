@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sims_lens.config import load_config
+from sims_lens.config import SimsConfig, load_config
 
 DEMO_OVERRIDES = [
     "iterations=3",
@@ -60,6 +60,7 @@ def run_command(args: argparse.Namespace, overrides: list[str] | None = None) ->
 
     sets = (overrides or []) + (args.set or [])
     saved = Path(args.out) / "config.toml"
+    config: SimsConfig | None
     if args.config is None and args.resume and saved.is_file():
         config = load_config(saved, sets)  # resume: the run's own config, with any --set applied
     else:

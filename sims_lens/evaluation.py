@@ -88,6 +88,11 @@ def evaluate(
     return Evaluation([p.id for p in expanded], responses, exchanges, rewards, nll)
 
 
+def heldout_seed(seed: int) -> int:
+    """The sampling seed of held-out evaluation: the same for pi_0 and every pi_t, so samples are paired."""
+    return seed * 7_919 + 1
+
+
 def win_rate(policy: Sequence[float], base: Sequence[float]) -> float:
     """Fraction of paired samples where the policy's reward beats the base's (ties count half)."""
     if len(policy) != len(base) or not policy:

@@ -25,7 +25,7 @@ from sims_lens.capture import capture_tokens, pair_tokens, reduce_tokens
 from sims_lens.chat import encode_chat
 from sims_lens.config import SimsConfig, resolve_layers
 from sims_lens.contrast import MemoryBank, Sample, Selection, group_by_prompt, label_samples, select_pairs
-from sims_lens.evaluation import Evaluation, evaluate, win_rate
+from sims_lens.evaluation import Evaluation, evaluate, heldout_seed, win_rate
 from sims_lens.generation import GenerationSettings, decode_response, generate_ids
 from sims_lens.oracles.base import agreement
 from sims_lens.prompts import Prompt, sample_batch
@@ -62,7 +62,7 @@ class IterationResult:
     positives: Tensor
     negatives: Tensor
     metrics: list[MetricRow]
-    heldout: Evaluation | None = None
+    heldout: Evaluation
 
 
 @dataclass
@@ -243,6 +243,11 @@ class Sims:
         return policy
 
     def evaluate_heldout(self, steering: SteeringSet | None, iteration: int) -> Evaluation:
+        """Held-out samples of pi_t, scored by the oracle with no steering active.
+
+        The judge stays fixed across iterations (for ``self_judge``: the base model), so held-out
+        rewards of different iterations are comparable; during training the policy judges itself.
+        """
         return evaluate(
             self.model,
             self.tokenizer,
@@ -251,7 +256,7 @@ class Sims:
             self.generation,
             steering=steering,
             samples_per_prompt=self.config.eval_samples_per_prompt,
-            seed=self.config.seed * 7_919 + 1,
+            seed=heldout_seed(self.config.seed),
         )
 
     # -- the loop ---------------------------------------------------------------------------
@@ -370,10 +375,11 @@ def iteration_metrics(
                 ),
             )
         )
+    update_norms, policy_norms = update.norms(), policy.norms()
     for i, hook in enumerate(hooks):
         layer = int(hook.split(".")[1])
-        rows.append(_row(iteration, "train", "update_norm", update.norms()[hook], layer))
-        rows.append(_row(iteration, "train", "policy_norm", policy.norms()[hook], layer))
+        rows.append(_row(iteration, "train", "update_norm", update_norms[hook], layer))
+        rows.append(_row(iteration, "train", "policy_norm", policy_norms[hook], layer))
         rows.append(
             _row(
                 iteration, "train", "probe_accuracy", probe_accuracy(positives[:, i], negatives[:, i], seed=seed), layer

@@ -11,8 +11,16 @@ from sims_lens.cli import main
 
 pytestmark = pytest.mark.integration
 
-SMALL = ["iterations=1", "prompts_per_iteration=4", "samples_per_prompt=3", "max_new_tokens=12",
-         "heldout_size=3", "eval_samples_per_prompt=1", "layers=[10, 15]", "margin=0.0"]
+SMALL = [
+    "iterations=1",
+    "prompts_per_iteration=4",
+    "samples_per_prompt=3",
+    "max_new_tokens=12",
+    "heldout_size=3",
+    "eval_samples_per_prompt=1",
+    "layers=[10, 15]",
+    "margin=0.0",
+]
 
 
 def test_run_then_resume_for_one_more_iteration(tmp_path, capsys):
