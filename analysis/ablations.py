@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from analysis.run_data import steering_files
-from sims_lens.evaluation import Evaluation, evaluate, heldout_seed, win_rate
+from sims_lens.evaluation import Evaluation, evaluate, head_to_head, heldout_seed
 from sims_lens.generation import GenerationSettings
 from sims_lens.prompts import Prompt
 from sims_lens.steering.functions import SteeringSet, layer_of
@@ -107,7 +107,7 @@ def ablate(
                 "layers": variant.layers,
                 "multiplier": variant.multiplier,
                 "reward_mean": evaluation.reward_mean,
-                "win_rate_vs_base": win_rate(evaluation.rewards, base.rewards),
+                "win_rate_vs_base": head_to_head(oracle, prompts, evaluation, base, samples_per_prompt),
                 "perplexity_under_base": evaluation.perplexity,
                 "response_length": evaluation.response_length,
             }

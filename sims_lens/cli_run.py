@@ -24,10 +24,15 @@ DEMO_OVERRIDES = [
 
 
 class TablePrinter:
-    """Prints one line per iteration: held-out reward of the policy next to the base model's."""
+    """Prints one line per iteration: held-out reward of the policy next to the base model's.
 
-    def __init__(self, oracle: str) -> None:
+    With a reference oracle configured, its held-out mean is shown too (``ref``): the self-judge's
+    rank scores average to zero within a group, so for it the win rate and ``ref`` are the signal.
+    """
+
+    def __init__(self, oracle: str, reference: str = "") -> None:
         self.oracle = oracle
+        self.reference = reference
         self.start = time.perf_counter()
         self.base = float("nan")
 
@@ -36,17 +41,23 @@ class TablePrinter:
             return
         base = payload["evaluation"]
         self.base = base.reward_mean
-        print(f"held-out reward ({self.oracle}); base model pi_0: {self.base:.3f} (perplexity {base.perplexity:.2f})")
+        line = f"held-out reward ({self.oracle}); base model pi_0: {self.base:.3f} (perplexity {base.perplexity:.2f})"
+        if base.reference_reward_mean is not None:
+            line += f"; reference {self.reference}: {base.reference_reward_mean:.3f}"
+        print(line)
+        ref = f"  {'ref':>7}" if self.reference else ""
         print(
-            f"{'iter':>4}  {'policy':>7}  {'base':>7}  {'win rate':>8}  {'ppl':>6}  {'len':>5}  "
+            f"{'iter':>4}  {'policy':>7}  {'base':>7}{ref}  {'win rate':>8}  {'ppl':>6}  {'len':>5}  "
             f"{'pairs':>5}  {'dropped':>7}  {'time':>6}"
         )
         sys.stdout.flush()
 
     def on_iteration(self, result: Any) -> None:
         values = {(r["metric"], r["split"]): r["value"] for r in result.metrics if r["layer"] is None}
+        ref = values.get(("reference_reward_mean", "heldout"))
+        ref_text = f"  {ref:>7.3f}" if ref is not None else ""
         print(
-            f"{result.iteration:>4}  {values[('reward_mean', 'heldout')]:>7.3f}  {self.base:>7.3f}  "
+            f"{result.iteration:>4}  {values[('reward_mean', 'heldout')]:>7.3f}  {self.base:>7.3f}{ref_text}  "
             f"{values[('win_rate_vs_base', 'heldout')]:>8.2f}  {values[('perplexity_under_base', 'heldout')]:>6.2f}  "
             f"{values[('response_length', 'heldout')]:>5.1f}  {int(values[('pairs', 'train')]):>5}  "
             f"{int(values[('dropped_prompts', 'train')]):>7}  {time.perf_counter() - self.start:>5.0f}s"
@@ -69,7 +80,7 @@ def run_command(args: argparse.Namespace, overrides: list[str] | None = None) ->
     if done >= config.iterations:
         print(f"{args.out} already finished {done} of {config.iterations} iterations; nothing to do")
         return 0
-    printer = TablePrinter(config.oracle)
+    printer = TablePrinter(config.oracle, config.reference_oracle)
     callbacks: list[Any] = [printer]
     callbacks.extend(_analysis_callbacks(folder.path))
     from sims_lens.run import RunWriter

@@ -32,10 +32,23 @@ class Evaluation:
     exchanges: list[Exchange]
     rewards: list[float]
     nll: list[float]
+    reference_rewards: list[float] | None = None
+    """Scores of a second (reference) oracle, when one is configured."""
 
     @property
     def reward_mean(self) -> float:
         return sum(self.rewards) / len(self.rewards)
+
+    @property
+    def reference_reward_mean(self) -> float | None:
+        if not self.reference_rewards:
+            return None
+        return sum(self.reference_rewards) / len(self.reference_rewards)
+
+    def groups(self, samples_per_prompt: int) -> list[list[str]]:
+        """The responses grouped by prompt (``samples_per_prompt`` each, prompt-major)."""
+        k = samples_per_prompt
+        return [self.responses[i : i + k] for i in range(0, len(self.responses), k)]
 
     @property
     def perplexity(self) -> float:
@@ -72,20 +85,40 @@ def evaluate(
     steering: SteeringSet | None = None,
     samples_per_prompt: int = 2,
     seed: int = 0,
+    reference: Any = None,
 ) -> Evaluation:
-    """Sample the policy (base model plus ``steering``) on held-out prompts and score it."""
+    """Sample the policy (base model plus ``steering``) on held-out prompts and score it.
+
+    Scoring runs with no steering active, so the judge is the same for every policy.
+    """
     expanded = [p for p in prompts for _ in range(samples_per_prompt)]
     ids = [encode_chat(tokenizer, p.text) for p in expanded]
     with apply_steering(model, steering) if steering is not None and len(steering) else nullcontext():
         exchanges = generate_ids(model, tokenizer, ids, settings, seed=seed)
     responses = [decode_response(tokenizer, ex) for ex in exchanges]
-    scores = oracle.score(
-        [p.text for p in prompts],
-        [responses[i * samples_per_prompt : (i + 1) * samples_per_prompt] for i in range(len(prompts))],
+    texts = [p.text for p in prompts]
+    groups = [responses[i * samples_per_prompt : (i + 1) * samples_per_prompt] for i in range(len(prompts))]
+    rewards = [float(s) for group in oracle.score(texts, groups) for s in group]
+    reference_rewards = (
+        [float(s) for group in reference.score(texts, groups) for s in group] if reference is not None else None
     )
-    rewards = [float(s) for group in scores for s in group]
     nll = response_nll(model, exchanges, int(tokenizer.pad_token_id), settings.batch_size)
-    return Evaluation([p.id for p in expanded], responses, exchanges, rewards, nll)
+    return Evaluation([p.id for p in expanded], responses, exchanges, rewards, nll, reference_rewards)
+
+
+def head_to_head(
+    oracle: Any, prompts: Sequence[Prompt], policy: Evaluation, base: Evaluation, samples_per_prompt: int
+) -> float:
+    """Win rate of the policy over the base model, scored in one group per prompt.
+
+    Each prompt's base and policy responses are ranked together, so the comparison is meaningful
+    for relative oracles (the self-judge's Copeland or Bradley-Terry scores sum to zero within a
+    group) as well as absolute ones (for VADER it equals comparing the separate scores).
+    """
+    k = samples_per_prompt
+    joint = [b + p for b, p in zip(base.groups(k), policy.groups(k), strict=True)]
+    scores = oracle.score([p.text for p in prompts], joint)
+    return win_rate([s for g in scores for s in g[k:]], [s for g in scores for s in g[:k]])
 
 
 def heldout_seed(seed: int) -> int:

@@ -25,7 +25,7 @@ from sims_lens.capture import capture_tokens, pair_tokens, reduce_tokens
 from sims_lens.chat import encode_chat
 from sims_lens.config import SimsConfig, resolve_layers
 from sims_lens.contrast import MemoryBank, Sample, Selection, group_by_prompt, label_samples, select_pairs
-from sims_lens.evaluation import Evaluation, evaluate, heldout_seed, win_rate
+from sims_lens.evaluation import Evaluation, evaluate, head_to_head, heldout_seed
 from sims_lens.generation import GenerationSettings, decode_response, generate_ids
 from sims_lens.oracles.base import agreement
 from sims_lens.prompts import Prompt, sample_batch
@@ -257,6 +257,7 @@ class Sims:
             steering=steering,
             samples_per_prompt=self.config.eval_samples_per_prompt,
             seed=heldout_seed(self.config.seed),
+            reference=self.reference,
         )
 
     # -- the loop ---------------------------------------------------------------------------
@@ -300,6 +301,9 @@ class Sims:
         heldout = self.evaluate_heldout(state.policy, iteration)
         positives, negatives = reduce_tokens(pos_tokens, "mean"), reduce_tokens(neg_tokens, "mean")
         assert state.base_heldout is not None
+        wins = head_to_head(
+            self.oracle, self.heldout_prompts, heldout, state.base_heldout, self.config.eval_samples_per_prompt
+        )
         metrics = iteration_metrics(
             iteration,
             samples,
@@ -310,7 +314,7 @@ class Sims:
             update,
             state.policy,
             heldout,
-            state.base_heldout,
+            wins,
             c.seed,
         )
         result = IterationResult(
@@ -329,14 +333,17 @@ class Sims:
             yield self.step(iteration, state)
 
 
-def heldout_metrics(iteration: int, evaluation: Evaluation, base: Evaluation | None) -> list[MetricRow]:
+def heldout_metrics(iteration: int, evaluation: Evaluation, win_rate_vs_base: float | None) -> list[MetricRow]:
+    """Held-out rows; ``win_rate_vs_base`` is None for the base model itself (iteration 0)."""
     rows = [
         _row(iteration, "heldout", "reward_mean", evaluation.reward_mean),
         _row(iteration, "heldout", "perplexity_under_base", evaluation.perplexity),
         _row(iteration, "heldout", "response_length", evaluation.response_length),
     ]
-    if base is not None:
-        rows.append(_row(iteration, "heldout", "win_rate_vs_base", win_rate(evaluation.rewards, base.rewards)))
+    if evaluation.reference_reward_mean is not None:
+        rows.append(_row(iteration, "heldout", "reference_reward_mean", evaluation.reference_reward_mean))
+    if win_rate_vs_base is not None:
+        rows.append(_row(iteration, "heldout", "win_rate_vs_base", win_rate_vs_base))
     return rows
 
 
@@ -350,7 +357,7 @@ def iteration_metrics(
     update: SteeringSet,
     policy: SteeringSet,
     heldout: Evaluation,
-    base: Evaluation,
+    win_rate_vs_base: float,
     seed: int,
 ) -> list[MetricRow]:
     """The tidy metrics of one iteration: train-batch statistics, per-layer geometry, held-out scores."""
@@ -386,7 +393,7 @@ def iteration_metrics(
             )
         )
         rows.append(_row(iteration, "train", "fisher_ratio", fisher_ratio(positives[:, i], negatives[:, i]), layer))
-    return rows + heldout_metrics(iteration, heldout, base)
+    return rows + heldout_metrics(iteration, heldout, win_rate_vs_base)
 
 
 def _row(iteration: int, split: str, metric: str, value: float, layer: int | None = None) -> MetricRow:

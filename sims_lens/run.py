@@ -105,19 +105,24 @@ class RunFolder:
                 writer.writerows(rows)
 
     def save_base(self, evaluation: Evaluation) -> None:
+        reference: list[float | None] = (
+            list(evaluation.reference_rewards) if evaluation.reference_rewards else [None] * len(evaluation.rewards)
+        )
         records = [
             {
                 "prompt_id": pid,
                 "response": resp,
                 "reward": reward,
+                "reference_reward": ref,
                 "nll": nll,
                 "response_ids": list(ex.response_ids),
                 "prompt_ids": list(ex.prompt_ids),
             }
-            for pid, resp, reward, nll, ex in zip(
+            for pid, resp, reward, ref, nll, ex in zip(
                 evaluation.prompt_ids,
                 evaluation.responses,
                 evaluation.rewards,
+                reference,
                 evaluation.nll,
                 evaluation.exchanges,
                 strict=True,
@@ -135,6 +140,7 @@ class RunFolder:
             [Exchange(tuple(r["prompt_ids"]), tuple(r["response_ids"])) for r in records],
             [float(r["reward"]) for r in records],
             [float(r["nll"]) for r in records],
+            None if records[0].get("reference_reward") is None else [float(r["reference_reward"]) for r in records],
         )
 
 

@@ -236,3 +236,41 @@ def test_reference_oracle_agreement_is_logged(tiny):
     rows = [r for r in result.metrics if r["metric"] == "oracle_agreement"]
     assert len(rows) == 1 and rows[0]["value"] == pytest.approx(1.0)
     assert all(s.reference_reward == s.reward for s in result.samples)
+
+
+@dataclass
+class RelativeOracle:
+    """Scores only make sense within a group: rank minus the group's mean rank (sums to zero)."""
+
+    name: str = "relative"
+
+    def score(self, prompts, responses):
+        out = []
+        for group in responses:
+            order = sorted(range(len(group)), key=lambda i: LetterOracle().score([""], [[group[i]]])[0][0])
+            ranks = [0.0] * len(group)
+            for rank, i in enumerate(order):
+                ranks[i] = rank - (len(group) - 1) / 2
+            out.append(ranks)
+        return out
+
+
+def test_win_rate_ranks_policy_and_base_together(tiny):
+    from sims_lens.evaluation import Evaluation, head_to_head
+
+    def evaluation(responses):
+        return Evaluation(["h0"] * 2 + ["h1"] * 2, responses, [Exchange((1,), (2,))] * 4, [0.0] * 4, [1.0] * 4)
+
+    base = evaluation(["xx", "xy", "zz", "zz"])
+    policy = evaluation(["eee", "eex", "eee", "x"])
+    # within separate groups the relative scores of policy and base would look alike; together the policy wins
+    assert head_to_head(RelativeOracle(), HELDOUT, policy, base, 2) == pytest.approx(0.75)
+    assert head_to_head(LetterOracle(), HELDOUT, policy, base, 2) == pytest.approx(0.75)
+
+
+def test_reference_oracle_is_scored_on_heldout(tiny):
+    sims = tiny_sims(tiny, iterations=1)
+    sims.reference = RelativeOracle()
+    [result] = list(sims.iterate())
+    assert result.heldout.reference_rewards is not None
+    assert any(r["metric"] == "reference_reward_mean" for r in result.metrics)
