@@ -67,7 +67,7 @@ class TablePrinter:
 
 def run_command(args: argparse.Namespace, overrides: list[str] | None = None) -> int:
     from sims_lens.loop import NotSeparableError
-    from sims_lens.run import prepare_folder, run_iterations, sims_from_config
+    from sims_lens.run import RunWriter, check_new_folder, prepare_folder, run_iterations, sims_from_config
 
     sets = (overrides or []) + (args.set or [])
     saved = Path(args.out) / "config.toml"
@@ -76,17 +76,19 @@ def run_command(args: argparse.Namespace, overrides: list[str] | None = None) ->
         config = load_config(saved, sets)  # resume: the run's own config, with any --set applied
     else:
         config = load_config(args.config, sets) if (args.config is not None or sets) else None
-    folder, config, done = prepare_folder(Path(args.out), config, args.resume)
+    if not args.resume:
+        check_new_folder(Path(args.out))
+    elif not saved.is_file():
+        prepare_folder(Path(args.out), config, resume=True)  # raises the clear "no config.toml" error
+    # build everything the config names (model, prompts, oracle, learner, layers) before touching the folder
+    sims = sims_from_config(config or SimsConfig(), progress=not args.no_progress)
+    folder, config, done = prepare_folder(Path(args.out), sims.config, args.resume)
+    sims.config = config
     if done >= config.iterations:
         print(f"{args.out} already finished {done} of {config.iterations} iterations; nothing to do")
         return 0
     printer = TablePrinter(config.oracle, config.reference_oracle)
-    callbacks: list[Any] = [printer]
-    callbacks.extend(_analysis_callbacks(folder.path))
-    from sims_lens.run import RunWriter
-
-    sims = sims_from_config(config, progress=not args.no_progress)
-    sims.callbacks = [RunWriter(folder, sims.model), *callbacks]
+    sims.callbacks = [RunWriter(folder, sims.model), printer, *_analysis_callbacks(folder.path)]
     print(
         f"run folder {folder.path} ({'resuming after iteration ' + str(done) if done else 'new'}); "
         f"model {config.model}, learner {config.learner}, layers {config.layers}, update {config.update}"
@@ -96,7 +98,7 @@ def run_command(args: argparse.Namespace, overrides: list[str] | None = None) ->
             pass
     except NotSeparableError as err:
         print(
-            f"error: {err}. Finished iterations are kept in {folder.path}; fix the setting and --resume.",
+            f"error: {err}. Finished iterations are kept in {folder.path}; for other settings start a new --out.",
             file=sys.stderr,
         )
         return 2

@@ -8,15 +8,19 @@ Top-level keys are the stable names of DESIGN.md section 4 (``model``, ``iterati
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 UPDATES = ("refit", "accumulate", "ema")
-PAIRINGS = ("best_worst", "top_bottom")
+DEFAULT_UPDATE_RATE = {"refit": 1.0, "accumulate": 1.0, "ema": 0.5}
 AGGREGATIONS = ("mean", "last")
-HOOK_SUFFIXES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+HOOK_SUFFIXES = ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+"""Hook points a steering edit may write to. ``hook_resid_mid`` is left out on purpose: in
+TransformerLens 4.3's bridge it aliases the MLP's layer-norm input, so an edit there would not
+reach the residual stream."""
 
 
 class ConfigError(ValueError):
@@ -31,6 +35,7 @@ class ContrastConfig:
     max_pairs: int = 32
 
     def __post_init__(self) -> None:
+        _check_types(self, "contrast.")
         _check(self.bank_size >= 2, "contrast.bank_size", self.bank_size, "an integer >= 2")
         _check(self.max_pairs >= 2, "contrast.max_pairs", self.max_pairs, "an integer >= 2")
 
@@ -57,12 +62,11 @@ class SimsConfig:
     hook: str = "hook_resid_post"
     multiplier: float = 1.0
     update: str = "accumulate"
-    update_rate: float = 1.0
+    update_rate: float | None = None
     contrast_sampling: bool = False
     seed: int = 0
     positions: str = "all"
     aggregation: str = "mean"
-    pairing: str = "best_worst"
     pairs_per_prompt: int = 1
     margin: float = 0.05
     eval_samples_per_prompt: int = 2
@@ -74,6 +78,18 @@ class SimsConfig:
     def __post_init__(self) -> None:
         if isinstance(self.contrast, dict):
             self.contrast = _build(ContrastConfig, self.contrast, "contrast")
+        _check(isinstance(self.contrast, ContrastConfig), "contrast", self.contrast, "a table of settings")
+        _check_types(self)
+        for key in ("oracles", "learners"):
+            tables = getattr(self, key)
+            _check(
+                isinstance(tables, dict) and all(isinstance(v, dict) for v in tables.values()),
+                key,
+                tables,
+                f"tables of settings, one per name ([{key}.NAME])",
+            )
+        if self.update_rate is None:
+            self.update_rate = DEFAULT_UPDATE_RATE.get(self.update, 1.0)
         from sims_lens.models import DTYPES
         from sims_lens.steering.positions import validate_policy
 
@@ -105,15 +121,26 @@ class SimsConfig:
         _check(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
         _check(self.update in UPDATES, "update", self.update, f"one of {list(UPDATES)}")
         _check(0 < self.update_rate <= 1, "update_rate", self.update_rate, "a number in (0, 1]")
-        _check(self.pairing in PAIRINGS, "pairing", self.pairing, f"one of {list(PAIRINGS)}")
+        _check(
+            not (self.update == "ema" and self.update_rate == 1),
+            "update_rate",
+            self.update_rate,
+            "a number in (0, 1) with update = 'ema' (1 would make it refit)",
+        )
         _check(self.aggregation in AGGREGATIONS, "aggregation", self.aggregation, f"one of {list(AGGREGATIONS)}")
         _check(self.margin >= 0, "margin", self.margin, "a number >= 0")
+        _check(self.multiplier != 0, "multiplier", self.multiplier, "a non-zero number")
         _check(self.hook in HOOK_SUFFIXES, "hook", self.hook, f"one of {list(HOOK_SUFFIXES)}")
         try:
             validate_policy(self.positions)
         except ValueError as err:
             raise ConfigError(f"positions: {err}") from None
         self.layers = parse_layers(self.layers)
+
+    @property
+    def rate(self) -> float:
+        """The update rate in force (``update_rate``, or the update rule's default)."""
+        return DEFAULT_UPDATE_RATE[self.update] if self.update_rate is None else float(self.update_rate)
 
     def hook_names(self, layers: list[int]) -> list[str]:
         return [f"blocks.{layer}.{self.hook}" for layer in layers]
@@ -123,6 +150,29 @@ class SimsConfig:
 
     def learner_settings(self) -> dict[str, Any]:
         return dict(self.learners.get(self.learner, {}))
+
+
+def _check_types(config: Any, prefix: str = "") -> None:
+    """Each field has its declared type (booleans are not integers, numbers are finite)."""
+    import math
+    import typing
+
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):
+        value = getattr(config, f.name)
+        hint = hints[f.name]
+        key = prefix + f.name
+        if hint is bool:
+            _check(isinstance(value, bool), key, value, "true or false")
+        elif hint is int:
+            _check(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
+        elif hint in (float, float | None):
+            if value is None and hint is not float:
+                continue
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            _check(ok, key, value, "a finite number")
+        elif hint is str:
+            _check(isinstance(value, str), key, value, "text (a quoted string in TOML)")
 
 
 def parse_layers(value: Any) -> list[int] | str:
@@ -140,7 +190,9 @@ def parse_layers(value: Any) -> list[int] | str:
         _check(bool(parts) and all(p.lstrip("-").isdigit() for p in parts), "layers", value, allowed)
         value = [int(p) for p in parts]
     _check(
-        isinstance(value, list) and bool(value) and all(isinstance(v, int) and v >= 0 for v in value),
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value),
         "layers",
         value,
         allowed,
@@ -245,7 +297,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return json.dumps(value)  # a JSON string is a valid TOML basic string (control characters escaped)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):

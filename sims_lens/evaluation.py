@@ -19,6 +19,7 @@ from sims_lens.capture import padded_batches
 from sims_lens.chat import Exchange, encode_chat
 from sims_lens.generation import GenerationSettings, decode_response, generate_ids
 from sims_lens.prompts import Prompt
+from sims_lens.seeds import derive_seed
 from sims_lens.steering.functions import SteeringSet
 from sims_lens.steering.hooks import apply_steering
 
@@ -123,7 +124,7 @@ def head_to_head(
 
 def heldout_seed(seed: int) -> int:
     """The sampling seed of held-out evaluation: the same for pi_0 and every pi_t, so samples are paired."""
-    return seed * 7_919 + 1
+    return derive_seed(seed, "heldout")
 
 
 def win_rate(policy: Sequence[float], base: Sequence[float]) -> float:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from sims_lens.chat import Exchange, encode_chat, left_pad, split_generated
+from sims_lens.seeds import derive_seed
 from sims_lens.steering.positions import track_positions
 
 
@@ -66,7 +67,7 @@ def generate_ids(
         ids, mask = left_pad(chunk, pad_id)
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
-                torch.manual_seed(seed + start)
+                torch.manual_seed(derive_seed(seed, "batch", start))
             with track_positions(model, mask):
                 tokens = model.generate(
                     ids.to(device),

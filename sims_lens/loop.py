@@ -29,6 +29,7 @@ from sims_lens.evaluation import Evaluation, evaluate, head_to_head, heldout_see
 from sims_lens.generation import GenerationSettings, decode_response, generate_ids
 from sims_lens.oracles.base import agreement
 from sims_lens.prompts import Prompt, sample_batch
+from sims_lens.seeds import derive_seed
 from sims_lens.steering.functions import SteeringSet
 from sims_lens.steering.hooks import apply_steering
 from sims_lens.steering.learners import Learner, fisher_ratio, probe_accuracy
@@ -128,7 +129,7 @@ class Sims:
                 self.tokenizer,
                 ids,
                 self.generation,
-                seed=self.config.seed * 100_003 + iteration,
+                seed=derive_seed(self.config.seed, "train", iteration),
                 on_batch=bar.update,
             )
         responses = [decode_response(self.tokenizer, ex) for ex in exchanges]
@@ -236,9 +237,9 @@ class Sims:
         if previous is None or c.update == "refit":
             policy = update
         elif c.update == "accumulate":
-            policy = previous + update.scaled(c.update_rate)
+            policy = previous + update.scaled(c.rate)
         else:
-            policy = previous.scaled(1.0 - c.update_rate) + update.scaled(c.update_rate)
+            policy = previous.scaled(1.0 - c.rate) + update.scaled(c.rate)
         policy.iteration = iteration
         return policy
 
@@ -276,7 +277,7 @@ class Sims:
         """One SIMS iteration t (1-based); updates ``state`` in place."""
         c = self.config
         prompts = sample_batch(
-            self.train_prompts, c.prompts_per_iteration, random.Random(c.seed * 1_000_003 + iteration)
+            self.train_prompts, c.prompts_per_iteration, random.Random(derive_seed(c.seed, "prompts", iteration))
         )
         self._phase(iteration, "sample", prompts=prompts)
         samples = self.sample(iteration, prompts, state)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sims_lens.chat import Exchange, encode_chat
-from sims_lens.config import SimsConfig, config_from_dict, config_to_dict, save_config
+from sims_lens.config import SimsConfig, config_from_dict, config_to_dict, resolve_layers, save_config
 from sims_lens.contrast import MemoryBank, Sample
 from sims_lens.evaluation import Evaluation
 from sims_lens.loop import Callback, IterationResult, LoopState, MetricRow, Sims, heldout_metrics
@@ -79,7 +79,16 @@ class RunFolder:
         path = self.path / name
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise RunFolderError(
+                        f"{path} line {number} is not valid JSON ({err}); repair or remove it"
+                    ) from None
+        return records
 
     def append_metrics(self, rows: Sequence[MetricRow]) -> None:
         path = self.path / "metrics.csv"
@@ -92,8 +101,19 @@ class RunFolder:
                 writer.writerow({**row, "layer": "" if row["layer"] is None else row["layer"]})
 
     def truncate_after(self, iteration: int) -> None:
-        """Drop rows written by an iteration that did not finish (crash between writes)."""
-        samples = [r for r in self.read_jsonl("samples.jsonl") if r["iteration"] <= iteration]
+        """Drop rows written by an iteration that did not finish (crash between writes).
+
+        A line torn by a crash can only belong to the unfinished iteration, so unreadable lines go too.
+        """
+        path = self.path / "samples.jsonl"
+        samples = []
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record["iteration"] <= iteration:
+                samples.append(record)
         (self.path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
         metrics = self.path / "metrics.csv"
         if metrics.is_file():
@@ -156,7 +176,10 @@ def prepare_folder(out: Path, config: SimsConfig | None, resume: bool) -> tuple[
             raise RunFolderError(f"cannot resume: {out} has no config.toml (start a run there without --resume)")
         import tomllib
 
-        saved = config_from_dict(tomllib.loads(folder.config_path.read_text()))
+        try:
+            saved = config_from_dict(tomllib.loads(folder.config_path.read_text()))
+        except tomllib.TOMLDecodeError as err:
+            raise RunFolderError(f"{folder.config_path} is not valid TOML ({err})") from None
         if config is not None:
             mine, theirs = config_to_dict(config), config_to_dict(saved)
             changed = sorted(k for k in mine if k != "iterations" and mine[k] != theirs[k])
@@ -167,16 +190,25 @@ def prepare_folder(out: Path, config: SimsConfig | None, resume: bool) -> tuple[
                 )
             saved.iterations = config.iterations
         done = int(folder.read_state().get("completed_iterations", 0))
+        if saved.iterations < done:
+            raise RunFolderError(f"{out} already finished {done} iterations; 'iterations' cannot go below that")
         folder.truncate_after(done)
         save_config(saved, folder.config_path)
         return folder, saved, done
-    if out.exists() and any(out.iterdir()):
-        raise RunFolderError(f"{out} already holds a run; pass --resume to continue it, or choose a new --out folder")
+    check_new_folder(out)
     config = config or SimsConfig()
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, folder.config_path)
     folder.write_state({"completed_iterations": 0})
     return folder, config, 0
+
+
+def check_new_folder(out: Path) -> None:
+    """Refuse a path that is a file or already holds something (a new run never overwrites)."""
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"--out {out} is a file; pass a folder for the run")
+    if out.exists() and any(out.iterdir()):
+        raise RunFolderError(f"{out} already holds a run; pass --resume to continue it, or choose a new --out folder")
 
 
 def restore_state(folder: RunFolder, sims: Sims, done: int) -> LoopState:
@@ -232,10 +264,11 @@ def run_iterations(sims: Sims, folder: RunFolder, done: int) -> Iterator[Iterati
     loop_state = restore_state(folder, sims, done)
     had_base = loop_state.base_heldout is not None
     loop_state = sims.start(loop_state)
-    if not had_base:
+    if not had_base:  # nothing can be finished without the base evaluation: start the records afresh
         assert loop_state.base_heldout is not None
-        folder.save_base(loop_state.base_heldout)
+        folder.truncate_after(-1)
         folder.append_metrics(heldout_metrics(0, loop_state.base_heldout, None))
+        folder.save_base(loop_state.base_heldout)
     sims.state = loop_state
     for iteration in range(done + 1, sims.config.iterations + 1):
         yield sims.step(iteration, loop_state)
@@ -264,7 +297,14 @@ def sims_from_config(
         raise ValueError(f"prompts_per_iteration={config.prompts_per_iteration} but only {len(train)} training prompts")
     if model is None:
         model, tokenizer = load_model(config.model, dtype=config.dtype)
+    resolve_layers(config.layers, int(model.cfg.n_layers))  # an unknown layer fails here, before any work
     oracle = make_oracle(config.oracle, config.oracle_settings(), model=model, tokenizer=tokenizer)
+    if config.contrast_sampling and getattr(oracle, "relative", False):
+        raise ValueError(
+            f"contrast_sampling needs rewards that compare across prompts and iterations, but {config.oracle!r} only "
+            "ranks the responses of one prompt; turn contrast_sampling off or use an absolute oracle "
+            "(lexicon_sentiment, reward_model, embedding_similarity)"
+        )
     reference = None
     if config.reference_oracle:
         reference = make_oracle(

@@ -144,6 +144,8 @@ class SelfJudge:
     """
 
     name: ClassVar[str] = "self_judge"
+    relative: ClassVar[bool] = True
+    """Scores rank responses within one call (they sum to zero): compare only within a group."""
     model: Any = field(default=None, repr=False)
     tokenizer: Any = field(default=None, repr=False)
     criterion: str = DEFAULT_CRITERION

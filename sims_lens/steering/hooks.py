@@ -23,6 +23,11 @@ def check_hooks(model: Any, hooks: list[str]) -> None:
     """Refuse hook names the model does not have, naming the valid range and form."""
     known = model.hook_dict
     for name in hooks:
+        if name.endswith("hook_resid_mid"):
+            raise ValueError(
+                f"cannot steer at {name!r}: in TransformerLens 4.3's bridge hook_resid_mid is the MLP layer norm's "
+                "input, so an edit there never reaches the residual stream; steer hook_attn_out or hook_resid_post"
+            )
         if name in known:
             continue
         n_layers = int(model.cfg.n_layers)

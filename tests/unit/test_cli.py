@@ -53,3 +53,17 @@ def test_existing_run_folder_needs_resume(tmp_path, capsys):
 def test_resume_without_a_run_is_refused(tmp_path, capsys):
     assert main(["run", "--out", str(tmp_path / "nothing"), "--resume"]) == 2
     assert "no config.toml" in capsys.readouterr().err
+
+
+def test_a_bad_learner_leaves_no_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), "--set", 'learner="bogus"']) == 2
+    assert "bogus" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_out_pointing_at_a_file_is_refused(tmp_path, capsys):
+    target = tmp_path / "file.txt"
+    target.write_text("x")
+    assert main(["run", "--out", str(target), "--set", "iterations=1"]) == 2
+    assert "is a file" in capsys.readouterr().err

@@ -166,7 +166,7 @@ def test_top_k_layers_by_probe_accuracy(tiny):
 
 
 def test_hpr_runs_in_the_loop(tiny):
-    results = list(tiny_sims(tiny, learner="hpr", iterations=1, learners={"hpr": {"epochs": 5}}).iterate())
+    results = list(tiny_sims(tiny, learner="hpr", iterations=1, **{"learners.hpr.epochs": 5}).iterate())
     assert results[0].policy.functions[results[0].hooks[0]][0].kind == "hpr"
 
 
@@ -274,3 +274,22 @@ def test_reference_oracle_is_scored_on_heldout(tiny):
     [result] = list(sims.iterate())
     assert result.heldout.reference_rewards is not None
     assert any(r["metric"] == "reference_reward_mean" for r in result.metrics)
+
+
+def test_a_torn_last_line_does_not_block_resume(tmp_path: Path):
+    folder = RunFolder(tmp_path)
+    folder.append_jsonl("samples.jsonl", [{"iteration": 1, "x": 1}, {"iteration": 2, "x": 2}])
+    with (tmp_path / "samples.jsonl").open("a") as fh:
+        fh.write('{"iteration": 2, "respo')
+    folder.truncate_after(1)
+    assert folder.read_jsonl("samples.jsonl") == [{"iteration": 1, "x": 1}]
+
+
+def test_resid_mid_is_refused_for_steering(tiny):
+    from sims_lens.steering.functions import SteeringFunction, SteeringSet
+    from sims_lens.steering.hooks import apply_steering
+
+    model, _ = tiny
+    steer = SteeringSet.from_functions([SteeringFunction("add", "blocks.0.hook_resid_mid", {"vector": torch.ones(64)})])
+    with pytest.raises(ValueError, match="never reaches the residual stream"), apply_steering(model, steer):
+        pass
