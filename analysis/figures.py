@@ -11,6 +11,7 @@ import html
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -134,15 +135,7 @@ def drift_figure(policies: Policies) -> go.Figure:
         part = frame[frame["metric"] == metric]
         for i, (hook, rows) in enumerate(part.groupby("hook", sort=False)):
             fig.add_trace(
-                go.Scatter(
-                    x=rows["iteration"],
-                    y=rows["value"],
-                    mode="lines+markers",
-                    name=_hook_label(str(hook)),
-                    legendgroup=str(hook),
-                    showlegend=col == 1,
-                    line={"color": color(i)},
-                ),
+                _grouped_line(rows["iteration"], rows["value"], _hook_label(str(hook)), str(hook), col == 1, i),
                 row=1,
                 col=col,
             )
@@ -150,6 +143,19 @@ def drift_figure(policies: Policies) -> go.Figure:
     fig.update_yaxes(title_text="cosine", range=[-1.05, 1.05], row=1, col=1)
     fig.update_layout(title="Direction drift across iterations")
     return fig
+
+
+def _grouped_line(x: Any, y: Any, name: str, group: str, show_legend: bool, color_index: int) -> go.Scatter:
+    """A line with markers in legend group ``group``; subplots after the first hide its legend entry."""
+    return go.Scatter(
+        x=x,
+        y=y,
+        mode="lines+markers",
+        name=name,
+        legendgroup=group,
+        showlegend=show_legend,
+        line={"color": color(color_index)},
+    )
 
 
 def norms_figure(policies: Policies, updates: Policies | None = None) -> go.Figure:
@@ -164,14 +170,13 @@ def norms_figure(policies: Policies, updates: Policies | None = None) -> go.Figu
     for col, (_, frame) in enumerate(parts, start=1):
         for hook, rows in frame.groupby("hook", sort=False):
             fig.add_trace(
-                go.Scatter(
-                    x=rows["iteration"],
-                    y=rows["value"],
-                    mode="lines+markers",
-                    name=_hook_label(str(hook)),
-                    legendgroup=str(hook),
-                    showlegend=col == 1,
-                    line={"color": color(hooks.index(str(hook)) if hook in hooks else 0)},
+                _grouped_line(
+                    rows["iteration"],
+                    rows["value"],
+                    _hook_label(str(hook)),
+                    str(hook),
+                    col == 1,
+                    hooks.index(str(hook)) if hook in hooks else 0,
                 ),
                 row=1,
                 col=col,
@@ -273,14 +278,13 @@ def separability_figure(metrics: pd.DataFrame) -> go.Figure:
         part = rows[rows["metric"] == metric].sort_values(["iteration", "layer"])
         for i, (iteration, group) in enumerate(part.groupby("iteration")):
             fig.add_trace(
-                go.Scatter(
-                    x=group["layer"].astype(int),
-                    y=group["value"],
-                    mode="lines+markers",
-                    name=f"iteration {iteration}",
-                    legendgroup=f"iteration {iteration}",
-                    showlegend=col == 1,
-                    line={"color": color(i)},
+                _grouped_line(
+                    group["layer"].astype(int),
+                    group["value"],
+                    f"iteration {iteration}",
+                    f"iteration {iteration}",
+                    col == 1,
+                    i,
                 ),
                 row=1,
                 col=col,

@@ -9,7 +9,6 @@ warning line on stderr and the loop goes on.
 from __future__ import annotations
 
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ import pandas as pd
 from analysis.figures import write_index
 from analysis.geometry import geometry_rows
 from analysis.run_data import ANALYSIS_METRICS, load_run, read_metrics, tidy_metrics, write_metrics
-from analysis.separability import result_separability
 from sims_lens.steering.functions import SteeringSet
 from sims_lens.steering.io import load_steering
 
@@ -26,9 +24,8 @@ from sims_lens.steering.io import load_steering
 class LiveAnalysis:
     """Loop callback: ``on_iteration`` records the analysis metrics and rewrites the figures."""
 
-    def __init__(self, run_dir: str | Path, seed: int | None = None, figures: bool = True) -> None:
+    def __init__(self, run_dir: str | Path, figures: bool = True) -> None:
         self.run_dir = Path(run_dir)
-        self.seed = _config_seed(self.run_dir) if seed is None else seed
         self.figures = figures
         self.policies: dict[int, SteeringSet] = {}
         self.updates: dict[int, SteeringSet] = {}
@@ -63,18 +60,10 @@ class LiveAnalysis:
             update=result.update,
             previous_update=self._steering(t - 1, "update"),
         )
-        separability = result_separability(result, seed=self.seed)
-        for record in separability.to_dict("records"):
-            for metric in ("probe_accuracy", "fisher_ratio"):
-                rows.append(
-                    {
-                        "iteration": t,
-                        "split": "analysis",
-                        "metric": metric,
-                        "layer": record["layer"],
-                        "value": record[metric],
-                    }
-                )
+        # the loop already measured separability per layer (same function, inputs and seed): reuse its rows
+        for row in result.metrics:
+            if row["split"] == "train" and row["metric"] in ("probe_accuracy", "fisher_ratio"):
+                rows.append({**row, "iteration": t, "split": "analysis"})
         return rows
 
     def record(self, result: Any) -> None:
@@ -122,14 +111,6 @@ class LiveAnalysis:
 def live_callbacks(run_dir: str | Path) -> list[LiveAnalysis]:
     """The analysis callbacks the CLI adds to a run writing into ``run_dir``."""
     return [LiveAnalysis(run_dir)]
-
-
-def _config_seed(run_dir: Path) -> int:
-    path = run_dir / "config.toml"
-    try:
-        return int(tomllib.loads(path.read_text()).get("seed", 0)) if path.is_file() else 0
-    except (OSError, ValueError, tomllib.TOMLDecodeError):
-        return 0
 
 
 def _warn(what: str, err: BaseException) -> None:

@@ -10,8 +10,9 @@ from sims_lens.capture import capture
 from sims_lens.chat import Exchange, encode_chat, response_ids_for_text
 from sims_lens.generation import GenerationSettings, generate
 from sims_lens.models import load_model
-from sims_lens.steering.functions import SteeringFunction, SteeringSet
+from sims_lens.steering.functions import SteeringSet
 from sims_lens.steering.hooks import apply_steering
+from sims_lens.steering.learners import make_learner
 
 CONTRAST = [
     (
@@ -67,14 +68,12 @@ def steering_demo(
 
     pos = capture(model, exchanges(0), [hook], tokenizer.pad_token_id)[:, 0]
     neg = capture(model, exchanges(1), [hook], tokenizer.pad_token_id)[:, 0]
-    vector = pos.mean(0) - neg.mean(0)
-    steering = SteeringSet.from_functions(
-        [SteeringFunction("add", hook, {"vector": vector}, multiplier=multiplier, learner="mean_diff")]
-    )
+    vector = make_learner("mean_diff").fit(pos, neg, hook)
+    steering = SteeringSet.from_functions([vector.scaled(multiplier)])
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     base = generate(model, tokenizer, DEMO_PROMPTS, settings)
     with apply_steering(model, steering):
         steered = generate(model, tokenizer, DEMO_PROMPTS, settings)
-    print(f"steering {hook} with a warm-minus-cold vector (norm {vector.norm():.2f}) x {multiplier}\n")
+    print(f"steering {hook} with a warm-minus-cold vector (norm {vector.direction.norm():.2f}) x {multiplier}\n")
     for prompt, b, s in zip(DEMO_PROMPTS, base, steered, strict=True):
         print(f"prompt:   {prompt}\nbase:     {b}\nsteered:  {s}\n")

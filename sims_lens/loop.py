@@ -13,9 +13,9 @@ this module never imports it).
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from torch import Tensor
@@ -74,7 +74,6 @@ class LoopState:
     layers: list[int] | None = None
     bank: MemoryBank | None = None
     base_heldout: Evaluation | None = None
-    history: list[SteeringSet] = field(default_factory=list)
 
 
 @dataclass
@@ -297,7 +296,6 @@ class Sims:
         self._phase(iteration, "capture", hooks=hooks)
         update = self.fit(iteration, pos_tokens, neg_tokens, hooks)
         state.policy = self.combine(state.policy, update, iteration)
-        state.history.append(state.policy)
         self._phase(iteration, "fit", update=update, policy=state.policy)
         heldout = self.evaluate_heldout(state.policy, iteration)
         positives, negatives = reduce_tokens(pos_tokens, "mean"), reduce_tokens(neg_tokens, "mean")
@@ -399,6 +397,3 @@ def iteration_metrics(
 
 def _row(iteration: int, split: str, metric: str, value: float, layer: int | None = None) -> MetricRow:
     return {"iteration": iteration, "split": split, "metric": metric, "layer": layer, "value": float(value)}
-
-
-ProgressFn = Callable[[str], None]

@@ -225,8 +225,3 @@ def load_model(name: str | None = None, dtype: str | torch.dtype = "float32", de
     source = resolve_source(name)
     hf_model, tokenizer = load_hf(source, torch_dtype, device)
     return boot_bridge(hf_model, tokenizer, source.name, torch_dtype, device), tokenizer
-
-
-def model_name(bridge: Any) -> str:
-    """The name a bridge was booted with."""
-    return str(getattr(bridge.cfg, "model_name", "") or "")

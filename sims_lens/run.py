@@ -217,7 +217,6 @@ def restore_state(folder: RunFolder, sims: Sims, done: int) -> LoopState:
     loop = LoopState(base_heldout=folder.load_base(), layers=state.get("layers"))
     if done:
         loop.policy = load_steering(folder.steering_path(done), sims.model)
-        loop.history = [load_steering(folder.steering_path(t), sims.model) for t in range(1, done + 1)]
     if sims.config.contrast_sampling:
         loop.bank = MemoryBank(sims.config.contrast.bank_size)
         loop.bank.add([_sample_from_record(r, sims.tokenizer) for r in folder.read_jsonl("samples.jsonl")])
