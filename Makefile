@@ -37,6 +37,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/steering_throughput.py
 
 figures: $(VENV)/.installed
+	VENV=$(VENV) scripts/install_figures.sh
 	$(PY) -m analysis.make_figures $(RUN_DIR) --out figures
 
 report: $(VENV)/.installed
