@@ -9,7 +9,6 @@ model (paired samples), with :func:`sims_lens.evaluation.evaluate`, and reported
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +16,15 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.run_data import steering_files
 from sims_lens.evaluation import Evaluation, evaluate, head_to_head, heldout_seed
 from sims_lens.generation import GenerationSettings
 from sims_lens.prompts import Prompt
+from sims_lens.run_folder import RunFolder
 from sims_lens.steering.functions import SteeringSet, layer_of
 
 COLUMNS = [
     "variant",
-    "kind",
+    "family",
     "layers",
     "multiplier",
     "reward_mean",
@@ -37,10 +36,10 @@ COLUMNS = [
 
 @dataclass(frozen=True)
 class Variant:
-    """One ablation: a name, its kind (base / all / only / without / multiplier), what it steers."""
+    """One ablation: a name, its family (base / all / only / without / multiplier), what it steers."""
 
     name: str
-    kind: str
+    family: str
     steering: SteeringSet | None
     multiplier: float = 1.0
 
@@ -97,13 +96,13 @@ def ablate(
             samples_per_prompt=samples_per_prompt,
             seed=seed,
         )
-        if variant.kind == "base":
+        if variant.family == "base":
             base = evaluation
         assert base is not None
         rows.append(
             {
                 "variant": variant.name,
-                "kind": variant.kind,
+                "family": variant.family,
                 "layers": variant.layers,
                 "multiplier": variant.multiplier,
                 "reward_mean": evaluation.reward_mean,
@@ -132,22 +131,19 @@ def ablate_run(
     the loop's own held-out evaluation, so the ``base`` row repeats ``heldout_base.jsonl``); the
     keyword arguments shrink them for a quick look.
     """
-    from sims_lens.config import config_from_dict
     from sims_lens.oracles import make_oracle
     from sims_lens.prompts import load_prompts
-    from sims_lens.steering.io import load_steering
 
-    path = Path(run_dir)
-    if not (path / "config.toml").is_file():
-        raise ValueError(f"{path} has no config.toml; is it a run folder (made by 'sims-lens run')?")
-    config = config_from_dict(tomllib.loads((path / "config.toml").read_text()))
-    files = steering_files(path)
-    if not files:
-        raise ValueError(f"{path} has no steering/iter_*.safetensors yet; run at least one iteration")
-    iteration = max(files) if iteration is None else iteration
-    if iteration not in files:
-        raise ValueError(f"{path} has no steering for iteration {iteration}; it has {sorted(files)}")
-    steering = load_steering(files[iteration], model)
+    folder = RunFolder(run_dir)
+    config = folder.read_config()
+    iterations = folder.steering_iterations("policy")
+    if not iterations:
+        raise ValueError(f"{folder.path} has no finished iteration yet; run at least one")
+    iteration = max(iterations) if iteration is None else iteration
+    if iteration not in iterations:
+        raise ValueError(f"{folder.path} has no steering for iteration {iteration}; it has {iterations}")
+    steering = folder.load_steering(iteration, "policy", model)
+    assert steering is not None
     source = config.heldout_prompts
     prompts = load_prompts(source, "heldout" if source == "builtin" else None)[: heldout_size or config.heldout_size]
     if oracle is None:

@@ -18,10 +18,11 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from analysis.geometry import Policies, direction_norms, drift, hooks_of, iteration_cosines, layer_cosines
-from analysis.run_data import RunData, config_summary, load_run
+from analysis.run_data import RunData, config_summary, load_run, summary_from_metrics
+from sims_lens.metrics import HELDOUT_METRICS
+from sims_lens.run_folder import RunFolder
 from sims_lens.steering.functions import layer_of
 
-HELDOUT_METRICS = ["reward_mean", "win_rate_vs_base", "perplexity_under_base", "response_length"]
 DRIFT_METRICS = ["cos_prev", "cos_first", "cos_final"]
 SEPARABILITY_METRICS = ["probe_accuracy", "fisher_ratio"]
 COSINE_SCALE = "RdBu"
@@ -44,7 +45,7 @@ FIGURES: dict[str, str] = {
     "cosine_iterations": "Cosine similarity of each layer's direction across iterations (one heatmap per layer)",
     "cosine_layers": "Cosine similarity between the layers' directions within one iteration",
     "drift": "Drift: cosine of each iteration's direction to the previous, first and final one",
-    "norms": "Norm of each layer's steering direction (policy and per-iteration update)",
+    "norms": "Norm of each layer's steering direction (the policy, and what each iteration fitted)",
     "separability": "Separability of H+ vs H- per layer: held-out probe accuracy and Fisher ratio",
 }
 """The figures :func:`build_figures` makes, by file stem, with a one-line description."""
@@ -158,11 +159,11 @@ def _grouped_line(x: Any, y: Any, name: str, group: str, show_legend: bool, colo
     )
 
 
-def norms_figure(policies: Policies, updates: Policies | None = None) -> go.Figure:
-    """Direction norm per iteration and layer: the policy's, and (if given) each iteration's update."""
+def norms_figure(policies: Policies, fits: Policies | None = None) -> go.Figure:
+    """Direction norm per iteration and layer: the policy's, and (if given) what each iteration fitted."""
     parts = [("policy", direction_norms(policies))]
-    if updates:
-        parts.append(("update", direction_norms(updates)))
+    if fits:
+        parts.append(("fit", direction_norms(fits)))
     if parts[0][1].empty:
         return _empty("Direction norms", "no finished iteration yet")
     fig = make_subplots(rows=1, cols=len(parts), subplot_titles=[f"{name} norm" for name, _ in parts])
@@ -299,7 +300,7 @@ def ablation_figure(table: pd.DataFrame) -> go.Figure:
     """Bars of held-out reward and perplexity per ablation variant; the base model's as a dashed line."""
     metrics = ["reward_mean", "perplexity_under_base"]
     fig = make_subplots(rows=1, cols=2, subplot_titles=metrics)
-    base = table[table["kind"] == "base"]
+    base = table[table["family"] == "base"]
     for col, metric in enumerate(metrics, start=1):
         fig.add_trace(
             go.Bar(x=table["variant"], y=table[metric], name=metric, marker_color=color(col - 1)), row=1, col=col
@@ -312,7 +313,7 @@ def ablation_figure(table: pd.DataFrame) -> go.Figure:
 
 def multiplier_figure(table: pd.DataFrame) -> go.Figure:
     """Held-out reward and perplexity against the policy's multiplier (0 = base model, 1 = as learned)."""
-    rows = table[table["kind"].isin(["base", "all", "multiplier"])].sort_values("multiplier")
+    rows = table[table["family"].isin(["base", "all", "multiplier"])].sort_values("multiplier")
     metrics = ["reward_mean", "perplexity_under_base"]
     fig = make_subplots(rows=1, cols=2, subplot_titles=metrics)
     for col, metric in enumerate(metrics, start=1):
@@ -337,7 +338,7 @@ def build_figures(data: RunData) -> dict[str, go.Figure]:
         "cosine_iterations": lambda: cosine_iterations_figure(data.policies),
         "cosine_layers": lambda: cosine_layers_figure(data.policies),
         "drift": lambda: drift_figure(data.policies),
-        "norms": lambda: norms_figure(data.policies, data.updates),
+        "norms": lambda: norms_figure(data.policies, data.fits),
         "separability": lambda: separability_figure(metrics),
     }
     return {name: build() for name, build in builders.items()}
@@ -363,10 +364,8 @@ def write_figure(fig: go.Figure, path: Path) -> Path:
 
 def write_index(run_dir: str | Path, data: RunData | None = None) -> Path:
     """Write ``RUN/figures/*.html`` and ``RUN/figures/index.html``; returns the index path."""
-    from analysis.report import summary_from_metrics
-
     data = data if data is not None else load_run(run_dir)
-    folder = Path(run_dir) / "figures"
+    folder = RunFolder(run_dir).figures_dir
     folder.mkdir(parents=True, exist_ok=True)
     figures = build_figures(data)
     for name, fig in figures.items():

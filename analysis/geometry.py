@@ -123,14 +123,14 @@ def geometry_rows(
     policy: SteeringSet,
     previous: SteeringSet | None = None,
     first: SteeringSet | None = None,
-    update: SteeringSet | None = None,
-    previous_update: SteeringSet | None = None,
+    fit: SteeringSet | None = None,
+    previous_fit: SteeringSet | None = None,
 ) -> list[dict[str, object]]:
     """Tidy metric rows (split ``analysis``) of one iteration's per-layer geometry.
 
     ``norm`` of the policy's direction, its ``cos_prev`` / ``cos_first`` to the previous and first
-    iteration's policy, and the update's ``update_norm`` and ``update_cos_prev`` (to the previous
-    update). Rows whose reference is missing are left out. ``layer`` is the hook's layer.
+    iteration's policy, and the iteration's fit: ``fit_norm`` and ``fit_cos_prev`` (to the previous
+    iteration's fit). Rows whose reference is missing are left out. ``layer`` is the hook's layer.
     """
     rows: list[dict[str, object]] = []
 
@@ -145,8 +145,8 @@ def geometry_rows(
         for metric, other in (("cos_prev", previous), ("cos_first", first)):
             if other is not None and hook in other.functions:
                 add(metric, hook, cosine(direction, other.direction(hook)))
-        if update is not None and hook in update.functions:
-            add("update_norm", hook, float(update.direction(hook).norm()))
-            if previous_update is not None and hook in previous_update.functions:
-                add("update_cos_prev", hook, cosine(update.direction(hook), previous_update.direction(hook)))
+        if fit is not None and hook in fit.functions:
+            add("fit_norm", hook, float(fit.direction(hook).norm()))
+            if previous_fit is not None and hook in previous_fit.functions:
+                add("fit_cos_prev", hook, cosine(fit.direction(hook), previous_fit.direction(hook)))
     return rows

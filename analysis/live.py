@@ -1,9 +1,9 @@
 """Analysis while the loop runs: a callback that records geometry and rewrites the figures.
 
 After every finished iteration, :class:`LiveAnalysis` appends the per-layer geometry and
-separability metrics to ``RUN/analysis_metrics.csv`` (tidy, split ``analysis``) and rewrites
-``RUN/figures/*.html`` and ``index.html``. It never stops a run: any failure is reported as one
-warning line on stderr and the loop goes on.
+separability metrics to the run folder's analysis metrics (tidy, split ``analysis``) and rewrites
+its figures and ``index.html``. It never stops a run: any failure is reported as one warning line
+on stderr and the loop goes on.
 """
 
 from __future__ import annotations
@@ -16,19 +16,19 @@ import pandas as pd
 
 from analysis.figures import write_index
 from analysis.geometry import geometry_rows
-from analysis.run_data import ANALYSIS_METRICS, load_run, read_metrics, tidy_metrics, write_metrics
+from analysis.run_data import load_run
+from sims_lens.metrics import tidy_metrics
+from sims_lens.run_folder import RunFolder
 from sims_lens.steering.functions import SteeringSet
-from sims_lens.steering.io import load_steering
 
 
 class LiveAnalysis:
     """Loop callback: ``on_iteration`` records the analysis metrics and rewrites the figures."""
 
     def __init__(self, run_dir: str | Path, figures: bool = True) -> None:
-        self.run_dir = Path(run_dir)
+        self.folder = RunFolder(run_dir)
         self.figures = figures
-        self.policies: dict[int, SteeringSet] = {}
-        self.updates: dict[int, SteeringSet] = {}
+        self.seen: dict[str, dict[int, SteeringSet]] = {"policy": {}, "fit": {}}
         self.loop_metrics: dict[int, list[dict[str, Any]]] = {}
 
     def on_phase(self, iteration: int, phase: str, payload: dict[str, Any]) -> None:
@@ -36,7 +36,7 @@ class LiveAnalysis:
 
     def on_iteration(self, result: Any) -> None:
         t = int(result.iteration)
-        self.policies[t], self.updates[t] = result.policy, result.update
+        self.seen["policy"][t], self.seen["fit"][t] = result.policy, result.fitted
         self.loop_metrics[t] = list(result.metrics)
         try:
             self.record(result)
@@ -55,10 +55,10 @@ class LiveAnalysis:
         rows = geometry_rows(
             t,
             result.policy,
-            previous=self._steering(t - 1, "iter"),
-            first=result.policy if t == 1 else self._steering(1, "iter"),
-            update=result.update,
-            previous_update=self._steering(t - 1, "update"),
+            previous=self._steering(t - 1, "policy"),
+            first=result.policy if t == 1 else self._steering(1, "policy"),
+            fit=result.fitted,
+            previous_fit=self._steering(t - 1, "fit"),
         )
         # the loop already measured separability per layer (same function, inputs and seed): reuse its rows
         for row in result.metrics:
@@ -67,45 +67,40 @@ class LiveAnalysis:
         return rows
 
     def record(self, result: Any) -> None:
-        """Append this iteration's rows to ``analysis_metrics.csv`` (replacing any earlier rows of it)."""
+        """Append this iteration's rows to the analysis metrics (replacing any earlier rows of it)."""
         t = int(result.iteration)
-        path = self.run_dir / ANALYSIS_METRICS
-        existing = read_metrics(path)
+        existing = self.folder.read_analysis_metrics()
         existing = existing[existing["iteration"] < t]
         new = tidy_metrics(pd.DataFrame(self.rows(result)))
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         frames = [f for f in (existing, new) if len(f)]
-        write_metrics(path, pd.concat(frames, ignore_index=True) if frames else new)
+        self.folder.write_analysis_metrics(pd.concat(frames, ignore_index=True) if frames else new)
 
     def write_figures(self) -> Path:
         """Rewrite the figures from the folder, filling in what only this callback has seen."""
-        data = load_run(self.run_dir, require=False)
-        for t, policy in self.policies.items():
-            data.policies.setdefault(t, policy)
-        for t, update in self.updates.items():
-            data.updates.setdefault(t, update)
+        data = load_run(self.folder.path, require=False)
+        for which, known in (("policy", data.policies), ("fit", data.fits)):
+            for t, steering in self.seen[which].items():
+                known.setdefault(t, steering)
         data.policies = dict(sorted(data.policies.items()))
-        data.updates = dict(sorted(data.updates.items()))
+        data.fits = dict(sorted(data.fits.items()))
         seen = set(data.metrics["iteration"])
         missing = [row for t, rows in sorted(self.loop_metrics.items()) if t not in seen for row in rows]
         if missing:
             frames = [f for f in (data.metrics, tidy_metrics(pd.DataFrame(missing))) if len(f)]
             data.metrics = pd.concat(frames, ignore_index=True)
-        return write_index(self.run_dir, data)
+        return write_index(self.folder.path, data)
 
-    def _steering(self, iteration: int, kind: str) -> SteeringSet | None:
+    def _steering(self, iteration: int, which: str) -> SteeringSet | None:
         """A steering set seen in this session, else read from the run folder (resumed runs)."""
         if iteration < 1:
             return None
-        seen = self.policies if kind == "iter" else self.updates
-        if iteration in seen:
-            return seen[iteration]
-        path = self.run_dir / "steering" / f"{kind}_{iteration:03d}.safetensors"
-        if not path.is_file():
-            return None
-        steering = load_steering(path)
-        seen[iteration] = steering
-        return steering
+        seen = self.seen[which]
+        if iteration not in seen:
+            steering = self.folder.load_steering(iteration, which)
+            if steering is None:
+                return None
+            seen[iteration] = steering
+        return seen[iteration]
 
 
 def live_callbacks(run_dir: str | Path) -> list[LiveAnalysis]:

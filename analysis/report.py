@@ -12,20 +12,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.figures import HELDOUT_METRICS, write_index
+from analysis.figures import write_index
 from analysis.geometry import geometry_rows
-from analysis.run_data import ANALYSIS_METRICS, RunData, load_run, tidy_metrics, write_metrics
-
-
-def summary_from_metrics(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Iteration x held-out metric (``reward_mean``, ``win_rate_vs_base``, ...) from a tidy table."""
-    rows = metrics[(metrics["split"] == "heldout") & metrics["layer"].isna() & metrics["metric"].isin(HELDOUT_METRICS)]
-    if rows.empty:
-        return pd.DataFrame(columns=HELDOUT_METRICS, index=pd.Index([], name="iteration"))
-    table = rows.pivot_table(index="iteration", columns="metric", values="value", aggfunc="last")
-    table = table.reindex(columns=HELDOUT_METRICS)
-    table.columns.name = None
-    return table.sort_index()
+from analysis.run_data import RunData, load_run, summary_from_metrics
+from sims_lens.metrics import tidy_metrics
+from sims_lens.run_folder import RunFolder
 
 
 def summary_table(run_dir: str | Path) -> pd.DataFrame:
@@ -44,7 +35,7 @@ def report(run_dir: str | Path) -> Path:
         raise ValueError(f"{run_dir}/metrics.csv holds no rows yet; nothing to report")
     if data.analysis.empty and data.policies:
         data.analysis = geometry_metrics(data)
-        write_metrics(Path(run_dir) / ANALYSIS_METRICS, data.analysis)
+        RunFolder(run_dir).write_analysis_metrics(data.analysis)
     return write_index(run_dir, data)
 
 
@@ -63,7 +54,7 @@ def geometry_metrics(data: RunData) -> pd.DataFrame:
             data.policies[t],
             previous=data.policies[previous] if previous is not None else None,
             first=data.policies[iterations[0]],
-            update=data.updates.get(t),
-            previous_update=data.updates.get(previous) if previous is not None else None,
+            fit=data.fits.get(t),
+            previous_fit=data.fits.get(previous) if previous is not None else None,
         )
     return tidy_metrics(pd.DataFrame(rows))

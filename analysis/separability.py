@@ -13,8 +13,8 @@ import pandas as pd
 from jaxtyping import Float
 from torch import Tensor
 
+from sims_lens.separability import fisher_ratio, probe_accuracy
 from sims_lens.steering.functions import layer_of
-from sims_lens.steering.learners import fisher_ratio, probe_accuracy
 
 COLUMNS = ["hook", "layer", "probe_accuracy", "fisher_ratio", "n_pairs"]
 

@@ -7,7 +7,6 @@ with the live analysis callback, exactly as ``sims-lens run`` would.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,15 +36,6 @@ SMOKE_RUN = [
 """Applied on top of :data:`SMALL_RUN` for the notebook smoke tests."""
 
 
-def completed_iterations(run_dir: str | Path) -> int:
-    """The finished iterations ``state.json`` records (0 if none or no state)."""
-    path = Path(run_dir) / "state.json"
-    try:
-        return int(json.loads(path.read_text()).get("completed_iterations", 0)) if path.is_file() else 0
-    except (OSError, ValueError):
-        return 0
-
-
 def ensure_run(
     run_dir: str | Path,
     model: Any = None,
@@ -57,18 +47,20 @@ def ensure_run(
     """``run_dir`` if it has a finished iteration; else run :data:`SMALL_RUN` (+ ``overrides``) into it."""
     from analysis.live import live_callbacks
     from sims_lens.config import load_config
-    from sims_lens.run import RunWriter, prepare_folder, run_iterations, sims_from_config
+    from sims_lens.run import RunWriter, restore_state, sims_from_config
+    from sims_lens.run_folder import RunFolder, open_run
 
-    path = Path(run_dir)
-    if completed_iterations(path) >= 1:
-        return path
-    resume = (path / "config.toml").is_file()
+    folder = RunFolder(run_dir)
+    if folder.completed_iterations >= 1:
+        return folder.path
+    resume = folder.has_config()
     config = None if resume else load_config(None, [*SMALL_RUN, *(SMOKE_RUN if smoke else []), *overrides])
-    folder, config, done = prepare_folder(path, config, resume=resume)
-    print(f"making a small run in {path} ({config.iterations} iterations, layers {config.layers}) ...")
-    sims = sims_from_config(config, progress=progress, model=model, tokenizer=tokenizer)
-    sims.callbacks = [RunWriter(folder, sims.model), *live_callbacks(path)]
-    for result in run_iterations(sims, folder, done):
-        reward = result.heldout.reward_mean if result.heldout is not None else float("nan")
-        print(f"  iteration {result.iteration}: held-out reward {reward:.3f}")
-    return path
+    with folder.lock():
+        folder, config, _ = open_run(folder.path, config, resume=resume)
+        print(f"making a small run in {folder.path} ({config.iterations} iterations, layers {config.layers}) ...")
+        sims = sims_from_config(config, progress=progress, model=model, tokenizer=tokenizer)
+        sims.state = restore_state(folder, sims)
+        sims.callbacks = [RunWriter(folder, sims.model), *live_callbacks(folder.path)]
+        for result in sims.iterate():
+            print(f"  iteration {result.iteration}: held-out reward {result.heldout.reward_mean:.3f}")
+    return folder.path

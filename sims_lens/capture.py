@@ -18,7 +18,8 @@ from torch import Tensor
 
 from sims_lens.chat import Exchange, left_pad
 
-AGGREGATIONS = ("mean", "last", "tokens")
+REDUCTIONS = ("mean", "last")
+"""How a sample's response tokens reduce to one row (the ``reduction`` setting)."""
 
 
 def padded_forward_kwargs(mask: Tensor) -> dict[str, Tensor]:
@@ -68,14 +69,14 @@ def capture_tokens(
 
 
 def reduce_tokens(
-    per_sample: Sequence[Float[Tensor, "n_tokens n_hooks d_model"]], aggregation: str
+    per_sample: Sequence[Float[Tensor, "n_tokens n_hooks d_model"]], reduction: str
 ) -> Float[Tensor, "n_samples n_hooks d_model"]:
     """Mean or last response token of every sample."""
-    if aggregation == "mean":
+    if reduction == "mean":
         return torch.stack([t.mean(0) for t in per_sample])
-    if aggregation == "last":
+    if reduction == "last":
         return torch.stack([t[-1] for t in per_sample])
-    raise ValueError(f"unknown aggregation {aggregation!r}; use one of {AGGREGATIONS}")
+    raise ValueError(f"unknown reduction {reduction!r}; use one of {list(REDUCTIONS)}")
 
 
 def pair_tokens(
@@ -97,8 +98,8 @@ def capture(
     exchanges: Sequence[Exchange],
     hooks: Sequence[str],
     pad_id: int,
-    aggregation: str = "mean",
+    reduction: str = "mean",
     batch_size: int = 16,
 ) -> Float[Tensor, "n_samples n_hooks d_model"]:
     """Reduced response-token activations, ``[n_samples, n_hooks, d_model]`` float32."""
-    return reduce_tokens(capture_tokens(model, exchanges, hooks, pad_id, batch_size), aggregation)
+    return reduce_tokens(capture_tokens(model, exchanges, hooks, pad_id, batch_size), reduction)

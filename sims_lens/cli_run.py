@@ -67,42 +67,49 @@ class TablePrinter:
 
 def run_command(args: argparse.Namespace, overrides: list[str] | None = None) -> int:
     from sims_lens.loop import NotSeparableError
-    from sims_lens.run import RunWriter, check_new_folder, prepare_folder, run_iterations, sims_from_config
+    from sims_lens.run import RunWriter, restore_state, sims_from_config
+    from sims_lens.run_folder import RunFolder, check_new_folder, open_run
 
+    folder = RunFolder(args.out)
     sets = (overrides or []) + (args.set or [])
-    saved = Path(args.out) / "config.toml"
     config: SimsConfig | None
-    if args.config is None and args.resume and saved.is_file():
-        config = load_config(saved, sets)  # resume: the run's own config, with any --set applied
+    if args.config is None and args.resume and folder.has_config():
+        config = load_config(folder.config_path, sets)  # resume: the run's own config, with any --set applied
     else:
         config = load_config(args.config, sets) if (args.config is not None or sets) else None
     if not args.resume:
-        check_new_folder(Path(args.out))
-    elif not saved.is_file():
-        prepare_folder(Path(args.out), config, resume=True)  # raises the clear "no config.toml" error
+        check_new_folder(folder.path)
+    elif not folder.has_config():
+        open_run(folder.path, config, resume=True)  # raises the clear "no config.toml" error
+    folder.refuse_if_locked()  # before the model loads; lock() below checks again
     # build everything the config names (model, prompts, oracle, learner, layers) before touching the folder
     sims = sims_from_config(config or SimsConfig(), progress=not args.no_progress)
-    folder, config, done = prepare_folder(Path(args.out), sims.config, args.resume)
-    sims.config = config
-    if done >= config.iterations:
-        print(f"{args.out} already finished {done} of {config.iterations} iterations; nothing to do")
-        return 0
-    printer = TablePrinter(config.oracle, config.reference_oracle)
-    sims.callbacks = [RunWriter(folder, sims.model), printer, *_analysis_callbacks(folder.path)]
-    print(
-        f"run folder {folder.path} ({'resuming after iteration ' + str(done) if done else 'new'}); "
-        f"model {config.model}, learner {config.learner}, layers {config.layers}, update {config.update}"
-    )
-    try:
-        for _ in run_iterations(sims, folder, done):
-            pass
-    except NotSeparableError as err:
+    with folder.lock():
+        folder, config, done = open_run(folder.path, sims.config, args.resume)
+        sims.config = config
+        if done >= config.iterations:
+            print(f"{args.out} already finished {done} of {config.iterations} iterations; nothing to do")
+            return 0
+        sims.state = restore_state(folder, sims)
+        sims.callbacks = [
+            RunWriter(folder, sims.model),
+            TablePrinter(config.oracle, config.reference_oracle),
+            *_analysis_callbacks(folder.path),
+        ]
         print(
-            f"error: {err}. Finished iterations are kept in {folder.path}; for other settings start a new --out.",
-            file=sys.stderr,
+            f"run folder {folder.path} ({'resuming after iteration ' + str(done) if done else 'new'}); "
+            f"model {config.model}, learner {config.learner}, layers {config.layers}, update {config.update}"
         )
-        return 2
-    print(f"done: {folder.path}/metrics.csv, samples.jsonl, steering/, config.toml")
+        try:
+            for _ in sims.iterate():
+                pass
+        except NotSeparableError as err:
+            print(
+                f"error: {err}. Finished iterations are kept in {folder.path}; for other settings start a new --out.",
+                file=sys.stderr,
+            )
+            return 2
+    print(f"done: {folder.path} (metrics, samples, steering per iteration, config; figures/index.html)")
     return 0
 
 
@@ -158,7 +165,9 @@ def report_command(args: argparse.Namespace) -> int:
 
 
 def demo_command(args: argparse.Namespace) -> int:
+    from sims_lens.run_folder import RunFolder
+
     out = Path(args.out)
     args.config = None
-    args.resume = (out / "state.json").is_file()
+    args.resume = RunFolder(out).state_path.is_file()
     return run_command(args, DEMO_OVERRIDES)

@@ -1,30 +1,33 @@
 """Typed run configuration: dataclasses validated on construction, loadable from TOML and ``--set``.
 
-Top-level keys are the stable names of DESIGN.md section 4 (``model``, ``iterations``, ``oracle``,
-...). Each oracle and learner keeps its own settings in a nested table (``[oracles.self_judge]``,
-``[learners.hpr]``); contrast sampling has ``[contrast]``.
+Top-level keys are the stable names listed in ARCHITECTURE.md ("Configuration"): ``model``,
+``iterations``, ``oracle``, ... Each oracle and learner keeps its own settings in a nested table
+(``[oracles.self_judge]``, ``[learners.hpr]``); contrast sampling has ``[contrast]``. Renamed keys
+keep working for a while, with a one-line note (:data:`RENAMED_KEYS`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-UPDATES = ("refit", "accumulate", "ema")
-DEFAULT_UPDATE_RATE = {"refit": 1.0, "accumulate": 1.0, "ema": 0.5}
-AGGREGATIONS = ("mean", "last")
+import tomli_w
+
+from sims_lens.capture import REDUCTIONS
+from sims_lens.update_rules import DEFAULT_RATE, UPDATE_RULES
+from sims_lens.validation import ConfigError, check_field_types, rename_key
+from sims_lens.validation import require as _check
+
+RENAMED_KEYS = {"aggregation": "reduction"}
+"""Old top-level key -> its current name."""
+
 HOOK_SUFFIXES = ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
 """Hook points a steering edit may write to. ``hook_resid_mid`` is left out on purpose: in
 TransformerLens 4.3's bridge it aliases the MLP's layer-norm input, so an edit there would not
 reach the residual stream."""
-
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the key and the allowed values."""
 
 
 @dataclass
@@ -35,7 +38,7 @@ class ContrastConfig:
     max_pairs: int = 32
 
     def __post_init__(self) -> None:
-        _check_types(self, "contrast.")
+        check_field_types(self, "contrast.")
         _check(self.bank_size >= 2, "contrast.bank_size", self.bank_size, "an integer >= 2")
         _check(self.max_pairs >= 2, "contrast.max_pairs", self.max_pairs, "an integer >= 2")
 
@@ -66,7 +69,7 @@ class SimsConfig:
     contrast_sampling: bool = False
     seed: int = 0
     positions: str = "all"
-    aggregation: str = "mean"
+    reduction: str = "mean"
     pairs_per_prompt: int = 1
     margin: float = 0.05
     eval_samples_per_prompt: int = 2
@@ -79,7 +82,7 @@ class SimsConfig:
         if isinstance(self.contrast, dict):
             self.contrast = _build(ContrastConfig, self.contrast, "contrast")
         _check(isinstance(self.contrast, ContrastConfig), "contrast", self.contrast, "a table of settings")
-        _check_types(self)
+        check_field_types(self)
         for key in ("oracles", "learners"):
             tables = getattr(self, key)
             _check(
@@ -89,7 +92,7 @@ class SimsConfig:
                 f"tables of settings, one per name ([{key}.NAME])",
             )
         if self.update_rate is None:
-            self.update_rate = DEFAULT_UPDATE_RATE.get(self.update, 1.0)
+            self.update_rate = DEFAULT_RATE.get(self.update, 1.0)
         from sims_lens.models import DTYPES
         from sims_lens.steering.positions import validate_policy
 
@@ -119,7 +122,7 @@ class SimsConfig:
         )
         _check(self.temperature > 0, "temperature", self.temperature, "> 0 (SIMS samples K different responses)")
         _check(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
-        _check(self.update in UPDATES, "update", self.update, f"one of {list(UPDATES)}")
+        _check(self.update in UPDATE_RULES, "update", self.update, f"one of {list(UPDATE_RULES)}")
         _check(0 < self.update_rate <= 1, "update_rate", self.update_rate, "a number in (0, 1]")
         _check(
             not (self.update == "ema" and self.update_rate == 1),
@@ -127,7 +130,7 @@ class SimsConfig:
             self.update_rate,
             "a number in (0, 1) with update = 'ema' (1 would make it refit)",
         )
-        _check(self.aggregation in AGGREGATIONS, "aggregation", self.aggregation, f"one of {list(AGGREGATIONS)}")
+        _check(self.reduction in REDUCTIONS, "reduction", self.reduction, f"one of {list(REDUCTIONS)}")
         _check(self.margin >= 0, "margin", self.margin, "a number >= 0")
         _check(self.multiplier != 0, "multiplier", self.multiplier, "a non-zero number")
         _check(self.hook in HOOK_SUFFIXES, "hook", self.hook, f"one of {list(HOOK_SUFFIXES)}")
@@ -140,7 +143,7 @@ class SimsConfig:
     @property
     def rate(self) -> float:
         """The update rate in force (``update_rate``, or the update rule's default)."""
-        return DEFAULT_UPDATE_RATE[self.update] if self.update_rate is None else float(self.update_rate)
+        return DEFAULT_RATE[self.update] if self.update_rate is None else float(self.update_rate)
 
     def hook_names(self, layers: list[int]) -> list[str]:
         return [f"blocks.{layer}.{self.hook}" for layer in layers]
@@ -150,29 +153,6 @@ class SimsConfig:
 
     def learner_settings(self) -> dict[str, Any]:
         return dict(self.learners.get(self.learner, {}))
-
-
-def _check_types(config: Any, prefix: str = "") -> None:
-    """Each field has its declared type (booleans are not integers, numbers are finite)."""
-    import math
-    import typing
-
-    hints = typing.get_type_hints(type(config))
-    for f in fields(config):
-        value = getattr(config, f.name)
-        hint = hints[f.name]
-        key = prefix + f.name
-        if hint is bool:
-            _check(isinstance(value, bool), key, value, "true or false")
-        elif hint is int:
-            _check(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
-        elif hint in (float, float | None):
-            if value is None and hint is not float:
-                continue
-            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-            _check(ok, key, value, "a finite number")
-        elif hint is str:
-            _check(isinstance(value, str), key, value, "text (a quoted string in TOML)")
 
 
 def parse_layers(value: Any) -> list[int] | str:
@@ -212,11 +192,6 @@ def resolve_layers(layers: list[int] | str, n_layers: int) -> list[int] | None:
     return list(layers)
 
 
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key} = {value!r} is not allowed; use {allowed}")
-
-
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
@@ -227,6 +202,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 
 def config_from_dict(data: dict[str, Any]) -> SimsConfig:
+    """A validated configuration from a (TOML-shaped) dictionary; renamed keys are moved, with a note."""
+    data = dict(data)
+    for old, new in RENAMED_KEYS.items():
+        rename_key(data, old, new)
     config: SimsConfig = _build(SimsConfig, data)
     return config
 
@@ -270,39 +249,12 @@ def config_to_dict(config: SimsConfig) -> dict[str, Any]:
 
 
 def to_toml(data: dict[str, Any]) -> str:
-    """A small TOML writer for the configuration's types (scalars, lists, nested tables)."""
-    lines: list[str] = []
-    tables: list[tuple[str, dict[str, Any]]] = []
-    for key, value in data.items():
-        if isinstance(value, dict):
-            tables.append((key, value))
-        elif value is not None:
-            lines.append(f"{key} = {_toml_value(value)}")
-    out = "\n".join(lines) + "\n"
-    for name, table in tables:
-        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
-        nested = {k: v for k, v in table.items() if isinstance(v, dict)}
-        if scalars or not nested:
-            out += f"\n[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in scalars.items() if v is not None)
-        for sub, values in nested.items():
-            out += f"\n[{name}.{sub}]\n" + "".join(
-                f"{k} = {_toml_value(v)}\n" for k, v in values.items() if v is not None
-            )
-    return out
+    """TOML text for a configuration dictionary (``None`` values are left out: TOML has no null)."""
+    return tomli_w.dumps(_without_none(data))
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string (control characters escaped)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    raise ConfigError(f"cannot write {value!r} to TOML")
+def _without_none(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: _without_none(v) if isinstance(v, dict) else v for k, v in data.items() if v is not None}
 
 
 def save_config(config: SimsConfig, path: str | Path) -> None:

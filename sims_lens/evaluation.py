@@ -18,6 +18,7 @@ import torch
 from sims_lens.capture import padded_batches
 from sims_lens.chat import Exchange, encode_chat
 from sims_lens.generation import GenerationSettings, decode_response, generate_ids
+from sims_lens.groups import chunked
 from sims_lens.prompts import Prompt
 from sims_lens.seeds import derive_seed
 from sims_lens.steering.functions import SteeringSet
@@ -48,8 +49,7 @@ class Evaluation:
 
     def groups(self, samples_per_prompt: int) -> list[list[str]]:
         """The responses grouped by prompt (``samples_per_prompt`` each, prompt-major)."""
-        k = samples_per_prompt
-        return [self.responses[i : i + k] for i in range(0, len(self.responses), k)]
+        return chunked(self.responses, samples_per_prompt)
 
     @property
     def perplexity(self) -> float:
@@ -98,7 +98,7 @@ def evaluate(
         exchanges = generate_ids(model, tokenizer, ids, settings, seed=seed)
     responses = [decode_response(tokenizer, ex) for ex in exchanges]
     texts = [p.text for p in prompts]
-    groups = [responses[i * samples_per_prompt : (i + 1) * samples_per_prompt] for i in range(len(prompts))]
+    groups = chunked(responses, samples_per_prompt)
     rewards = [float(s) for group in oracle.score(texts, groups) for s in group]
     reference_rewards = (
         [float(s) for group in reference.score(texts, groups) for s in group] if reference is not None else None

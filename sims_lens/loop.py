@@ -1,41 +1,44 @@
-"""The SIMS loop: one iteration reads like the paper's algorithm (DESIGN.md section 1).
+"""The SIMS loop: one iteration is the paper's algorithm, one call per step (ARCHITECTURE.md, "The method").
 
 1. a mini-batch of N prompts; 2. the current policy samples K responses each; 3. the oracle
 scores them; 4. D+ / D- pairs (best vs worst, or contrast sampling from a memory bank); 5. the
 *base* model's response-token activations at the hook points; 6. the learner fits one function
-per layer; 7. the update rule combines it with the previous policy.
+per layer; 7. the update rule combines it with the previous policy. Then pi_t is evaluated on
+held-out prompts.
 
-:func:`iterate` is a generator of per-iteration results so a notebook can drive the loop step
-by step; callbacks receive every phase and every finished iteration (analysis plugs in there;
-this module never imports it).
+:meth:`Sims.iterate` is the one iteration generator (the CLI and notebooks both drive it);
+callbacks receive every phase and every finished iteration (analysis and the run folder plug in
+there; this module never imports either). :class:`LoopState` is all that carries over between
+iterations, and :attr:`Sims.state` is its only owner.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from sims_lens.capture import capture_tokens, pair_tokens, reduce_tokens
-from sims_lens.chat import encode_chat
+from sims_lens.chat import Exchange, encode_chat
 from sims_lens.config import SimsConfig, resolve_layers
-from sims_lens.contrast import MemoryBank, Sample, Selection, group_by_prompt, label_samples, select_pairs
+from sims_lens.contrast import MemoryBank, Sample, Selection, label_samples, select_pairs
 from sims_lens.evaluation import Evaluation, evaluate, head_to_head, heldout_seed
 from sims_lens.generation import GenerationSettings, decode_response, generate_ids
-from sims_lens.oracles.base import agreement
+from sims_lens.groups import chunked
+from sims_lens.metrics import MetricRow, batch_rows, heldout_rows, layer_rows
+from sims_lens.oracles.base import judges_with_policy
 from sims_lens.prompts import Prompt, sample_batch
 from sims_lens.seeds import derive_seed
+from sims_lens.separability import probe_accuracy
 from sims_lens.steering.functions import SteeringSet
 from sims_lens.steering.hooks import apply_steering
-from sims_lens.steering.learners import Learner, fisher_ratio, probe_accuracy
-
-MetricRow = dict[str, Any]
-"""One tidy metrics row: iteration, split, metric, layer (None where it does not apply), value."""
+from sims_lens.steering.learners import Learner
+from sims_lens.update_rules import apply_update
 
 
 class NotSeparableError(RuntimeError):
@@ -43,11 +46,48 @@ class NotSeparableError(RuntimeError):
 
 
 class Callback(Protocol):
-    """Receives the loop's progress; both methods are optional to implement meaningfully."""
+    """Receives the loop's progress; both methods are optional to implement meaningfully.
+
+    Phases: ``base`` (payload ``evaluation``, ``fresh``: whether it was computed now), ``sample``,
+    ``select``, ``capture``, ``fit``.
+    """
 
     def on_phase(self, iteration: int, phase: str, payload: dict[str, Any]) -> None: ...
 
     def on_iteration(self, result: IterationResult) -> None: ...
+
+
+@dataclass
+class LoopState:
+    """What carries over from one iteration to the next (and what a resumed run restores)."""
+
+    completed: int = 0
+    policy: SteeringSet | None = None
+    layers: list[int] | None = None
+    bank: MemoryBank | None = None
+    base_heldout: Evaluation | None = None
+
+
+@dataclass
+class Batch:
+    """Steps 1-5 of one iteration: the prompts, their scored samples, D+/D- and its activations."""
+
+    prompts: list[Prompt]
+    samples: list[Sample]
+    selection: Selection
+    hooks: list[str]
+    positives: list[Tensor]
+    """Per pair, the positive response's token activations ``[n_tokens, n_hooks, d_model]``."""
+    negatives: list[Tensor]
+
+    def at_layers(self, keep: list[int], hooks: list[str]) -> Batch:
+        """The same batch with the activations of the hooks at positions ``keep`` only."""
+        return replace(
+            self,
+            hooks=hooks,
+            positives=[t[:, keep] for t in self.positives],
+            negatives=[t[:, keep] for t in self.negatives],
+        )
 
 
 @dataclass
@@ -56,29 +96,21 @@ class IterationResult:
 
     iteration: int
     policy: SteeringSet
-    update: SteeringSet
+    fitted: SteeringSet
+    """What this iteration's pairs fitted, before the update rule combined it with the policy."""
     samples: list[Sample]
     selection: Selection
     hooks: list[str]
     positives: Tensor
+    """Mean response-token activation of every D+ sample, ``[n_pairs, n_hooks, d_model]``."""
     negatives: Tensor
     metrics: list[MetricRow]
     heldout: Evaluation
 
 
 @dataclass
-class LoopState:
-    """What carries over from one iteration to the next (and what a resumed run restores)."""
-
-    policy: SteeringSet | None = None
-    layers: list[int] | None = None
-    bank: MemoryBank | None = None
-    base_heldout: Evaluation | None = None
-
-
-@dataclass
 class Sims:
-    """A SIMS run in memory: the model, its data, oracle and learner, and the configuration."""
+    """A SIMS run in memory: the model, its data, oracle and learner, the configuration and the state."""
 
     model: Any
     tokenizer: Any
@@ -89,41 +121,96 @@ class Sims:
     learner: Learner
     callbacks: Sequence[Callback] = ()
     progress: bool = True
-    state: LoopState | None = None
     reference: Any = None
     """An optional second oracle; its agreement with ``oracle`` is logged as ``oracle_agreement``."""
+    state: LoopState = field(default_factory=LoopState)
+    _collected: dict[int, Batch] = field(default_factory=dict, repr=False)
 
-    @property
-    def generation(self) -> GenerationSettings:
-        c = self.config
-        return GenerationSettings(c.max_new_tokens, c.temperature, c.top_p, c.batch_size, True)
+    # -- the loop ---------------------------------------------------------------------------
+    def iterate(self) -> Iterator[IterationResult]:
+        """Yield iterations ``state.completed + 1 .. config.iterations`` (a resumed state goes on)."""
+        self.prepare()
+        while self.state.completed < self.config.iterations:
+            yield self.step(self.state.completed + 1)
 
-    @property
-    def pad_id(self) -> int:
-        return int(self.tokenizer.pad_token_id)
+    def prepare(self) -> None:
+        """Before the loop: the memory bank, the base model's held-out evaluation, the steered layers."""
+        if self.state.bank is None and self.config.contrast_sampling:
+            self.state.bank = MemoryBank(self.config.contrast.bank_size)
+        fresh = self.state.base_heldout is None
+        if self.state.base_heldout is None:
+            self.state.base_heldout = self.evaluate(None)
+        self._phase(0, "base", evaluation=self.state.base_heldout, fresh=fresh)
+        if self.state.layers is None:
+            self.state.layers = resolve_layers(self.config.layers, self.n_layers) or self.choose_layers()
 
-    def _phase(self, iteration: int, phase: str, **payload: Any) -> None:
-        for cb in self.callbacks:
-            if hasattr(cb, "on_phase"):
-                cb.on_phase(iteration, phase, payload)
-
-    def _bar(self, total: int, desc: str, unit: str = "seq") -> Any:
-        return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not self.progress)
-
-    def _policy(self, state: LoopState) -> Any:
-        return (
-            apply_steering(self.model, state.policy)
-            if state.policy is not None and len(state.policy)
-            else nullcontext()
+    def step(self, iteration: int) -> IterationResult:
+        """One SIMS iteration t (1-based), the paper's seven steps; advances :attr:`state`."""
+        batch = self._collected.pop(iteration, None) or self.collect(iteration, self.hooks)  # steps 1-5
+        fitted = self.fit(iteration, batch)  # step 6
+        policy = apply_update(self.state.policy, fitted, self.config.update, self.config.rate)  # step 7
+        self._phase(iteration, "fit", fitted=fitted, policy=policy)
+        heldout = self.evaluate(policy)
+        assert self.state.base_heldout is not None
+        wins = head_to_head(
+            self.oracle, self.heldout_prompts, heldout, self.state.base_heldout, self.config.eval_samples_per_prompt
         )
+        positives, negatives = reduce_tokens(batch.positives, "mean"), reduce_tokens(batch.negatives, "mean")
+        metrics = [
+            *batch_rows(iteration, batch.samples, batch.selection),
+            *layer_rows(
+                iteration,
+                hooks=batch.hooks,
+                positives=positives,
+                negatives=negatives,
+                fitted=fitted,
+                policy=policy,
+                seed=self.config.seed,
+            ),
+            *heldout_rows(iteration, heldout, wins),
+        ]
+        self.state.policy, self.state.completed = policy, iteration
+        result = IterationResult(
+            iteration,
+            policy,
+            fitted,
+            batch.samples,
+            batch.selection,
+            batch.hooks,
+            positives,
+            negatives,
+            metrics,
+            heldout,
+        )
+        for cb in self.callbacks:
+            if hasattr(cb, "on_iteration"):
+                cb.on_iteration(result)
+        return result
 
-    # -- the phases -------------------------------------------------------------------------
-    def sample(self, iteration: int, prompts: Sequence[Prompt], state: LoopState) -> list[Sample]:
-        """K responses per prompt from the current policy, scored by the oracle."""
+    def collect(self, iteration: int, hooks: list[str]) -> Batch:
+        """Steps 1-5: prompts, K samples each from the current policy, scores, D+/D-, base activations."""
+        prompts = self.prompts(iteration)
+        self._phase(iteration, "sample", prompts=prompts)
+        exchanges = self.sample(iteration, prompts)
+        samples = self.score(iteration, prompts, exchanges)
+        selection = self.select(samples)
+        self._phase(iteration, "select", samples=samples, selection=selection)
+        positives, negatives = self.capture(iteration, selection, hooks)
+        self._phase(iteration, "capture", hooks=hooks)
+        return Batch(prompts, samples, selection, hooks, positives, negatives)
+
+    # -- the steps ----------------------------------------------------------------------------
+    def prompts(self, iteration: int) -> list[Prompt]:
+        """Step 1: N training prompts, drawn afresh for every iteration."""
+        rng = random.Random(derive_seed(self.config.seed, "prompts", iteration))
+        return sample_batch(self.train_prompts, self.config.prompts_per_iteration, rng)
+
+    def sample(self, iteration: int, prompts: Sequence[Prompt]) -> list[Exchange]:
+        """Step 2: K responses per prompt from the current policy pi_{t-1} (prompt-major)."""
         k = self.config.samples_per_prompt
         ids = [encode_chat(self.tokenizer, p.text) for p in prompts for _ in range(k)]
-        with self._bar(len(ids), f"iter {iteration}: sampling") as bar, self._policy(state):
-            exchanges = generate_ids(
+        with self._bar(len(ids), f"iter {iteration}: sampling") as bar, self._policy():
+            return generate_ids(
                 self.model,
                 self.tokenizer,
                 ids,
@@ -131,18 +218,25 @@ class Sims:
                 seed=derive_seed(self.config.seed, "train", iteration),
                 on_batch=bar.update,
             )
-        responses = [decode_response(self.tokenizer, ex) for ex in exchanges]
-        groups = [responses[i * k : (i + 1) * k] for i in range(len(prompts))]
-        # SIMS-PR: the self-judge ranks as the current policy (its hooks stay on while it judges)
-        as_policy = getattr(self.oracle, "name", "") == "self_judge"
-        scores = self.score(iteration, self.oracle, prompts, groups, state if as_policy else None)
-        reference = self.score(iteration, self.reference, prompts, groups, None) if self.reference is not None else None
+
+    def score(self, iteration: int, prompts: Sequence[Prompt], exchanges: Sequence[Exchange]) -> list[Sample]:
+        """Step 3: the oracle's scores (and the reference oracle's, if any) of every response.
+
+        An oracle that judges as the model it runs on (the self-judge: SIMS prompt ranking) judges
+        as the current policy, with its steering on.
+        """
+        responses = chunked([decode_response(self.tokenizer, ex) for ex in exchanges], self.config.samples_per_prompt)
+        scores = self._scores(iteration, self.oracle, prompts, responses, judges_with_policy(self.oracle))
+        reference = (
+            self._scores(iteration, self.reference, prompts, responses, False) if self.reference is not None else None
+        )
+        k = self.config.samples_per_prompt
         return [
             Sample(
                 iteration,
                 p.id,
                 p.text,
-                responses[i * k + j],
+                responses[i][j],
                 exchanges[i * k + j],
                 float(scores[i][j]),
                 reference_reward=None if reference is None else float(reference[i][j]),
@@ -151,32 +245,13 @@ class Sims:
             for j in range(k)
         ]
 
-    def score(
-        self,
-        iteration: int,
-        oracle: Any,
-        prompts: Sequence[Prompt],
-        groups: list[list[str]],
-        policy_state: LoopState | None,
-    ) -> list[list[float]]:
-        """An oracle's scores, a few prompts at a time (with a progress bar); under the policy if given."""
-        step = max(1, self.config.batch_size // self.config.samples_per_prompt)
-        scores: list[list[float]] = []
-        policy = self._policy(policy_state) if policy_state is not None else nullcontext()
-        with self._bar(len(prompts), f"iter {iteration}: scoring ({oracle.name})", unit="prompt") as bar, policy:
-            for start in range(0, len(prompts), step):
-                texts = [p.text for p in prompts[start : start + step]]
-                scores.extend(oracle.score(texts, groups[start : start + step]))
-                bar.update(len(texts))
-        return scores
-
-    def select(self, samples: list[Sample], state: LoopState) -> Selection:
-        """D+ / D-: this batch's best vs worst, or the highest-margin pairs of the memory bank."""
+    def select(self, samples: list[Sample]) -> Selection:
+        """Step 4: D+ / D-: this batch's best vs worst, or the highest-margin pairs of the memory bank."""
         c = self.config
         if c.contrast_sampling:
-            assert state.bank is not None
-            state.bank.add(samples)
-            selection = state.bank.select(
+            assert self.state.bank is not None
+            self.state.bank.add(samples)
+            selection = self.state.bank.select(
                 margin=c.margin, max_pairs=c.contrast.max_pairs, pairs_per_prompt=c.pairs_per_prompt
             )
         else:
@@ -190,35 +265,27 @@ class Sims:
         label_samples(samples, selection)
         return selection
 
-    def activations(self, iteration: int, selection: Selection, hooks: list[str]) -> tuple[Any, Any]:
-        """Base-model response-token activations of D+ and D- (never steered)."""
-        pairs = selection.pairs
-        with self._bar(2 * len(pairs), f"iter {iteration}: capture") as bar:
-            pos = capture_tokens(
-                self.model, [p.positive.exchange for p in pairs], hooks, self.pad_id, self.config.batch_size, bar.update
+    def capture(self, iteration: int, selection: Selection, hooks: list[str]) -> tuple[list[Tensor], list[Tensor]]:
+        """Step 5: the *base* model's response-token activations of D+ and D- (never steered)."""
+        pad, size = int(self.tokenizer.pad_token_id), self.config.batch_size
+        with self._bar(2 * len(selection.pairs), f"iter {iteration}: capture") as bar:
+            positives = capture_tokens(
+                self.model, [p.positive.exchange for p in selection.pairs], hooks, pad, size, bar.update
             )
-            neg = capture_tokens(
-                self.model, [p.negative.exchange for p in pairs], hooks, self.pad_id, self.config.batch_size, bar.update
+            negatives = capture_tokens(
+                self.model, [p.negative.exchange for p in selection.pairs], hooks, pad, size, bar.update
             )
-        return pos, neg
+        return positives, negatives
 
-    def choose_layers(self, pos: Tensor, neg: Tensor, n_layers: int) -> list[int]:
-        """``top:K``: the K layers whose H+ and H- a held-out linear probe separates best."""
-        k = int(str(self.config.layers).split(":")[1])
-        accuracy = [probe_accuracy(pos[:, layer], neg[:, layer], seed=self.config.seed) for layer in range(n_layers)]
-        return sorted(sorted(range(n_layers), key=lambda layer: (-accuracy[layer], layer))[:k])
-
-    def fit(self, iteration: int, pos_tokens: list[Tensor], neg_tokens: list[Tensor], hooks: list[str]) -> SteeringSet:
-        """One steering function per hook from the learner."""
-        if self.learner.aggregation == "tokens":
-            pos, neg = pair_tokens(pos_tokens, neg_tokens)
+    def fit(self, iteration: int, batch: Batch) -> SteeringSet:
+        """Step 6: one steering function per hook from the learner, scaled by ``multiplier``."""
+        if self.learner.inputs == "token_pairs":
+            pos, neg = pair_tokens(batch.positives, batch.negatives)
         else:
-            pos, neg = (
-                reduce_tokens(pos_tokens, self.config.aggregation),
-                reduce_tokens(neg_tokens, self.config.aggregation),
-            )
+            pos = reduce_tokens(batch.positives, self.config.reduction)
+            neg = reduce_tokens(batch.negatives, self.config.reduction)
         functions = []
-        for i, hook in enumerate(hooks):
+        for i, hook in enumerate(batch.hooks):
             fn = self.learner.fit(pos[:, i], neg[:, i], hook)
             fn.iteration = iteration
             fn.multiplier *= self.config.multiplier
@@ -230,22 +297,10 @@ class Sims:
             iteration=iteration,
         )
 
-    def combine(self, previous: SteeringSet | None, update: SteeringSet, iteration: int) -> SteeringSet:
-        """The update rule: ``refit``, ``accumulate`` (previous + rate * new) or ``ema``."""
-        c = self.config
-        if previous is None or c.update == "refit":
-            policy = update
-        elif c.update == "accumulate":
-            policy = previous + update.scaled(c.rate)
-        else:
-            policy = previous.scaled(1.0 - c.rate) + update.scaled(c.rate)
-        policy.iteration = iteration
-        return policy
+    def evaluate(self, policy: SteeringSet | None) -> Evaluation:
+        """Held-out samples of a policy (None: the base model), scored with no steering active.
 
-    def evaluate_heldout(self, steering: SteeringSet | None, iteration: int) -> Evaluation:
-        """Held-out samples of pi_t, scored by the oracle with no steering active.
-
-        The judge stays fixed across iterations (for ``self_judge``: the base model), so held-out
+        The judge stays fixed across iterations (for the self-judge: the base model), so held-out
         rewards of different iterations are comparable; during training the policy judges itself.
         """
         return evaluate(
@@ -254,146 +309,66 @@ class Sims:
             self.heldout_prompts,
             self.oracle,
             self.generation,
-            steering=steering,
+            steering=policy,
             samples_per_prompt=self.config.eval_samples_per_prompt,
             seed=heldout_seed(self.config.seed),
             reference=self.reference,
         )
 
-    # -- the loop ---------------------------------------------------------------------------
-    def start(self, state: LoopState | None = None) -> LoopState:
-        state = state or LoopState()
-        if state.bank is None and self.config.contrast_sampling:
-            state.bank = MemoryBank(self.config.contrast.bank_size)
-        if state.layers is None:
-            state.layers = resolve_layers(self.config.layers, int(self.model.cfg.n_layers))
-        if state.base_heldout is None:
-            state.base_heldout = self.evaluate_heldout(None, 0)
-        self._phase(0, "base", evaluation=state.base_heldout)
-        return state
+    def choose_layers(self) -> list[int]:
+        """``layers = "top:K"``: the K layers whose D+ and D- a held-out probe separates best.
 
-    def step(self, iteration: int, state: LoopState) -> IterationResult:
-        """One SIMS iteration t (1-based); updates ``state`` in place."""
+        Chosen before the loop from iteration 1's batch captured at every layer (the policy of
+        iteration 1 is the base model, so this is exactly the batch iteration 1 uses; it is kept).
+        """
+        k = int(str(self.config.layers).removeprefix("top:"))
+        everything = list(range(self.n_layers))
+        batch = self.collect(1, self.config.hook_names(everything))
+        pos, neg = reduce_tokens(batch.positives, "mean"), reduce_tokens(batch.negatives, "mean")
+        accuracy = [probe_accuracy(pos[:, layer], neg[:, layer], seed=self.config.seed) for layer in everything]
+        layers = sorted(sorted(everything, key=lambda layer: (-accuracy[layer], layer))[:k])
+        self._collected[1] = batch.at_layers(layers, self.config.hook_names(layers))
+        return layers
+
+    # -- helpers ------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.cfg.n_layers)
+
+    @property
+    def hooks(self) -> list[str]:
+        """The steered hook points (known once :meth:`prepare` has run)."""
+        assert self.state.layers is not None, "call prepare() (or iterate()) first"
+        return self.config.hook_names(self.state.layers)
+
+    @property
+    def generation(self) -> GenerationSettings:
         c = self.config
-        prompts = sample_batch(
-            self.train_prompts, c.prompts_per_iteration, random.Random(derive_seed(c.seed, "prompts", iteration))
-        )
-        self._phase(iteration, "sample", prompts=prompts)
-        samples = self.sample(iteration, prompts, state)
-        selection = self.select(samples, state)
-        self._phase(iteration, "select", samples=samples, selection=selection)
-        n_layers = int(self.model.cfg.n_layers)
-        if state.layers is None:  # top:K, chosen once from the first iteration's activations
-            all_hooks = c.hook_names(list(range(n_layers)))
-            pos_all, neg_all = self.activations(iteration, selection, all_hooks)
-            state.layers = self.choose_layers(reduce_tokens(pos_all, "mean"), reduce_tokens(neg_all, "mean"), n_layers)
-            keep = list(state.layers)
-            pos_tokens = [t[:, keep] for t in pos_all]
-            neg_tokens = [t[:, keep] for t in neg_all]
-        else:
-            pos_tokens, neg_tokens = self.activations(iteration, selection, c.hook_names(state.layers))
-        hooks = c.hook_names(state.layers)
-        self._phase(iteration, "capture", hooks=hooks)
-        update = self.fit(iteration, pos_tokens, neg_tokens, hooks)
-        state.policy = self.combine(state.policy, update, iteration)
-        self._phase(iteration, "fit", update=update, policy=state.policy)
-        heldout = self.evaluate_heldout(state.policy, iteration)
-        positives, negatives = reduce_tokens(pos_tokens, "mean"), reduce_tokens(neg_tokens, "mean")
-        assert state.base_heldout is not None
-        wins = head_to_head(
-            self.oracle, self.heldout_prompts, heldout, state.base_heldout, self.config.eval_samples_per_prompt
-        )
-        metrics = iteration_metrics(
-            iteration,
-            samples,
-            selection,
-            hooks,
-            positives,
-            negatives,
-            update,
-            state.policy,
-            heldout,
-            wins,
-            c.seed,
-        )
-        result = IterationResult(
-            iteration, state.policy, update, samples, selection, hooks, positives, negatives, metrics, heldout
-        )
+        return GenerationSettings(c.max_new_tokens, c.temperature, c.top_p, c.batch_size, True)
+
+    def _scores(
+        self, iteration: int, oracle: Any, prompts: Sequence[Prompt], groups: list[list[str]], as_policy: bool
+    ) -> list[list[float]]:
+        """An oracle's scores, a few prompts at a time (with a progress bar); as the policy if asked."""
+        step = max(1, self.config.batch_size // self.config.samples_per_prompt)
+        scores: list[list[float]] = []
+        policy = self._policy() if as_policy else nullcontext()
+        with self._bar(len(prompts), f"iter {iteration}: scoring ({oracle.name})", unit="prompt") as bar, policy:
+            for start in range(0, len(prompts), step):
+                texts = [p.text for p in prompts[start : start + step]]
+                scores.extend(oracle.score(texts, groups[start : start + step]))
+                bar.update(len(texts))
+        return scores
+
+    def _policy(self) -> AbstractContextManager[Any]:
+        """The current policy's steering hooks on the model (nothing for pi_0)."""
+        policy = self.state.policy
+        return apply_steering(self.model, policy) if policy is not None and len(policy) else nullcontext()
+
+    def _phase(self, iteration: int, phase: str, **payload: Any) -> None:
         for cb in self.callbacks:
-            if hasattr(cb, "on_iteration"):
-                cb.on_iteration(result)
-        return result
+            if hasattr(cb, "on_phase"):
+                cb.on_phase(iteration, phase, payload)
 
-    def iterate(self, state: LoopState | None = None, start_iteration: int = 1) -> Iterator[IterationResult]:
-        """Yield the results of iterations ``start_iteration .. config.iterations``."""
-        state = self.start(state)
-        self.state = state
-        for iteration in range(start_iteration, self.config.iterations + 1):
-            yield self.step(iteration, state)
-
-
-def heldout_metrics(iteration: int, evaluation: Evaluation, win_rate_vs_base: float | None) -> list[MetricRow]:
-    """Held-out rows; ``win_rate_vs_base`` is None for the base model itself (iteration 0)."""
-    rows = [
-        _row(iteration, "heldout", "reward_mean", evaluation.reward_mean),
-        _row(iteration, "heldout", "perplexity_under_base", evaluation.perplexity),
-        _row(iteration, "heldout", "response_length", evaluation.response_length),
-    ]
-    if evaluation.reference_reward_mean is not None:
-        rows.append(_row(iteration, "heldout", "reference_reward_mean", evaluation.reference_reward_mean))
-    if win_rate_vs_base is not None:
-        rows.append(_row(iteration, "heldout", "win_rate_vs_base", win_rate_vs_base))
-    return rows
-
-
-def iteration_metrics(
-    iteration: int,
-    samples: Sequence[Sample],
-    selection: Selection,
-    hooks: Sequence[str],
-    positives: Tensor,
-    negatives: Tensor,
-    update: SteeringSet,
-    policy: SteeringSet,
-    heldout: Evaluation,
-    win_rate_vs_base: float,
-    seed: int,
-) -> list[MetricRow]:
-    """The tidy metrics of one iteration: train-batch statistics, per-layer geometry, held-out scores."""
-    rewards = [s.reward for s in samples]
-    margins = [p.margin for p in selection.pairs]
-    rows = [
-        _row(iteration, "train", "reward_mean", sum(rewards) / len(rewards)),
-        _row(iteration, "train", "pair_margin_mean", sum(margins) / len(margins)),
-        _row(iteration, "train", "pairs", len(selection.pairs)),
-        _row(iteration, "train", "dropped_prompts", selection.dropped_prompts),
-    ]
-    if samples and samples[0].reference_reward is not None:
-        groups = group_by_prompt(samples).values()
-        rows.append(
-            _row(
-                iteration,
-                "train",
-                "oracle_agreement",
-                agreement(
-                    [[s.reward for s in g] for g in groups],
-                    [[float(s.reference_reward or 0.0) for s in g] for g in groups],
-                ),
-            )
-        )
-    update_norms, policy_norms = update.norms(), policy.norms()
-    for i, hook in enumerate(hooks):
-        layer = int(hook.split(".")[1])
-        rows.append(_row(iteration, "train", "update_norm", update_norms[hook], layer))
-        rows.append(_row(iteration, "train", "policy_norm", policy_norms[hook], layer))
-        rows.append(
-            _row(
-                iteration, "train", "probe_accuracy", probe_accuracy(positives[:, i], negatives[:, i], seed=seed), layer
-            )
-        )
-        rows.append(_row(iteration, "train", "fisher_ratio", fisher_ratio(positives[:, i], negatives[:, i]), layer))
-    return rows + heldout_metrics(iteration, heldout, win_rate_vs_base)
-
-
-def _row(iteration: int, split: str, metric: str, value: float, layer: int | None = None) -> MetricRow:
-    return {"iteration": iteration, "split": split, "metric": metric, "layer": layer, "value": float(value)}
+    def _bar(self, total: int, desc: str, unit: str = "seq") -> Any:
+        return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not self.progress)

@@ -16,11 +16,9 @@ from sims_lens.oracles.base import (
     ORACLES,
     Oracle,
     agreement,
+    judges_with_policy,
     make_oracle,
-    oracle_names,
-    oracle_settings,
     register_oracle,
-    settings_of,
 )
 from sims_lens.oracles.composite import Composite
 from sims_lens.oracles.embedding import DEFAULT_TARGET, EmbeddingSimilarity, packaged_encoder_path
@@ -30,36 +28,30 @@ from sims_lens.oracles.self_judge import (
     DEFAULT_CRITERION,
     DEFAULT_TEMPLATE,
     SelfJudge,
-    aggregate_preferences,
     answer_token_ids,
     bradley_terry_scores,
     copeland_scores,
+    rank_preferences,
 )
-
-ORACLE_NAMES = tuple(sorted(ORACLES))
-"""The registered oracle names."""
 
 __all__ = [
     "DEFAULT_CRITERION",
     "DEFAULT_TARGET",
     "DEFAULT_TEMPLATE",
     "ORACLES",
-    "ORACLE_NAMES",
     "Composite",
     "EmbeddingSimilarity",
     "LexiconSentiment",
     "Oracle",
     "RewardModel",
     "SelfJudge",
-    "aggregate_preferences",
     "agreement",
     "answer_token_ids",
     "bradley_terry_scores",
     "copeland_scores",
+    "judges_with_policy",
     "make_oracle",
-    "oracle_names",
-    "oracle_settings",
     "packaged_encoder_path",
+    "rank_preferences",
     "register_oracle",
-    "settings_of",
 ]

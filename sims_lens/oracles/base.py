@@ -9,19 +9,19 @@ but the language model an oracle may use (the self-judge), passed by :func:`make
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
-RESOURCES = ("model", "tokenizer")
-"""Constructor arguments that are handed over by :func:`make_oracle`, not user settings."""
+from sims_lens.registry import Registry
 
 
 @runtime_checkable
 class Oracle(Protocol):
-    """Scores candidate responses: one list of scores per prompt, one score per response."""
+    """Scores candidate responses: one list of scores per prompt, one score per response.
+
+    Oracles may also declare ``judges_with_policy = True`` (see :func:`judges_with_policy`).
+    """
 
     @property
     def name(self) -> str:
@@ -36,32 +36,10 @@ class Oracle(Protocol):
         ...
 
 
-ORACLES: dict[str, Callable[..., Oracle]] = {}
+ORACLES: Registry[Oracle] = Registry("oracle", resources=("model", "tokenizer"))
 """Registry: oracle name -> class taking the oracle's settings (and resources) as keyword arguments."""
 
-_O = TypeVar("_O")
-
-
-def register_oracle(name: str) -> Callable[[type[_O]], type[_O]]:
-    """Class decorator adding an oracle class to :data:`ORACLES` under ``name``."""
-
-    def decorate(cls: type[_O]) -> type[_O]:
-        if name in ORACLES:
-            raise ValueError(f"oracle {name!r} is already registered")
-        ORACLES[name] = cls  # type: ignore[assignment]
-        return cls
-
-    return decorate
-
-
-def oracle_names() -> list[str]:
-    """The names of all registered oracles."""
-    return sorted(ORACLES)
-
-
-def oracle_settings(name: str) -> list[str]:
-    """The setting names the oracle ``name`` accepts (its constructor's arguments, less resources)."""
-    return sorted(p for p in inspect.signature(_lookup(name)).parameters if p not in RESOURCES)
+register_oracle = ORACLES.register
 
 
 def make_oracle(
@@ -71,37 +49,20 @@ def make_oracle(
 
     ``model`` and ``tokenizer`` are the language model (a TransformerBridge) and its tokenizer, for
     oracles that use them (``self_judge``; ``composite`` hands them to its components; ``length``
-    penalties in tokens use the tokenizer). Raises ``ValueError`` naming an unknown oracle (and the
-    known ones), or unknown settings (and the allowed ones).
+    penalties in tokens use the tokenizer). Raises ``ConfigError`` (a ``ValueError``) naming an
+    unknown oracle (and the known ones), or unknown settings (and the allowed ones).
     """
-    cls = _lookup(name)
-    given = dict(settings or {})
-    if not all(isinstance(key, str) for key in given):
-        raise ValueError(f"oracle {name!r}: setting names must be strings, got {sorted(map(repr, given))}")
-    resources = {"model": model, "tokenizer": tokenizer}
-    prepare = getattr(cls, "prepare_settings", None)  # an oracle may reshape nested settings first
-    if callable(prepare):
-        given = dict(prepare(given))
-    params = inspect.signature(cls).parameters
-    allowed = oracle_settings(name)
-    unknown = sorted(key for key in given if key not in params or key in RESOURCES)
-    if unknown:
-        raise ValueError(f"unknown setting(s) {unknown} for oracle {name!r}; allowed settings: {allowed}")
-    missing = sorted(
-        p.name
-        for p in params.values()
-        if p.default is inspect.Parameter.empty and p.name not in given and p.name not in RESOURCES
-    )
-    if missing:
-        raise ValueError(f"oracle {name!r} needs the setting(s) {missing}; allowed settings: {allowed}")
-    kwargs = {key: value for key, value in resources.items() if key in params}
-    return cls(**given, **kwargs)
+    return ORACLES.make(name, settings, model=model, tokenizer=tokenizer)
 
 
-def _lookup(name: str) -> Callable[..., Oracle]:
-    if name not in ORACLES:
-        raise ValueError(f"unknown oracle {name!r}; known oracles: {oracle_names()}")
-    return ORACLES[name]
+def judges_with_policy(oracle: Any) -> bool:
+    """Whether ``oracle`` judges *as the model it runs on* (SIMS prompt ranking).
+
+    Such an oracle (the self-judge, or a composite holding one) judges with the current policy's
+    steering hooks on during training, and as the base model during evaluation. An oracle says so
+    with a ``judges_with_policy`` attribute; one without it (a rule, a separate reward model) does not.
+    """
+    return bool(getattr(oracle, "judges_with_policy", False))
 
 
 def check_inputs(prompts: Sequence[str], responses: Sequence[Sequence[str]], oracle: str = "oracle") -> None:
@@ -153,42 +114,3 @@ def _sign(x: float) -> int:
     if math.isnan(x):
         raise ValueError("agreement: scores must not be NaN")
     return (x > 0) - (x < 0)
-
-
-def settings_of(oracle: object) -> dict[str, Any]:
-    """A dataclass oracle's settings (its fields less resources and private state), for records."""
-    out: dict[str, Any] = {}
-    if dataclasses.is_dataclass(oracle) and not isinstance(oracle, type):
-        for f in dataclasses.fields(oracle):
-            if f.init and f.name not in RESOURCES:
-                out[f.name] = getattr(oracle, f.name)
-    return out
-
-
-def check_int(owner: str, minimum: int, **values: Any) -> None:
-    """Raise ``ValueError`` for any setting that is not an integer >= ``minimum``."""
-    for key, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{owner}: setting {key!r} must be an integer >= {minimum}, got {value!r}")
-
-
-def check_number(owner: str, minimum: float | None = None, **values: Any) -> None:
-    """Raise ``ValueError`` for any setting that is not a finite number (>= ``minimum`` if given)."""
-    for key, value in values.items():
-        bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-        if bad or (minimum is not None and value < minimum):
-            bound = "" if minimum is None else f" >= {minimum}"
-            raise ValueError(f"{owner}: setting {key!r} must be a finite number{bound}, got {value!r}")
-
-
-def check_choice(owner: str, key: str, value: Any, choices: Sequence[str]) -> None:
-    """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise ValueError(f"{owner}: setting {key!r} must be one of {list(choices)}, got {value!r}")
-
-
-def check_text(owner: str, **values: Any) -> None:
-    """Raise ``ValueError`` for any setting that is not a non-empty string."""
-    for key, value in values.items():
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"{owner}: setting {key!r} must be non-empty text, got {value!r}")

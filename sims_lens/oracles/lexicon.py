@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from sims_lens.oracles.base import check_choice, check_inputs, register_oracle
+from sims_lens.oracles.base import check_inputs, register_oracle
+from sims_lens.validation import check_choice
 
 MEASURES = ("compound", "pos", "pos_minus_neg")
 """``compound``: VADER's normalised compound score in [-1, 1]; ``pos``: the positive share of the

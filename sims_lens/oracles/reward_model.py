@@ -16,8 +16,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from sims_lens.groups import regroup
 from sims_lens.models import ModelLoadError, parse_dtype
-from sims_lens.oracles.base import check_inputs, check_int, check_text, register_oracle
+from sims_lens.oracles.base import check_inputs, register_oracle
+from sims_lens.validation import check_int, check_text
 
 
 def load_classifier(name_or_path: str, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any]:
@@ -133,8 +135,4 @@ class RewardModel:
         check_inputs(prompts, responses, self.name)
         texts = [self.format(p, r) for p, group in zip(prompts, responses, strict=True) for r in group]
         flat = self.score_texts(texts)
-        out: list[list[float]] = []
-        for group in responses:
-            out.append(flat[: len(group)])
-            flat = flat[len(group) :]
-        return out
+        return regroup(flat, responses)

@@ -23,7 +23,7 @@ active around :meth:`SelfJudge.score` (none: the base model M; ``with apply_stee
 from __future__ import annotations
 
 import string
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -32,8 +32,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from sims_lens.chat import chat_text, encode_text, left_pad
-from sims_lens.oracles.base import check_choice, check_inputs, check_int, check_text, register_oracle
+from sims_lens.oracles.base import check_inputs, register_oracle
 from sims_lens.steering.positions import track_positions
+from sims_lens.validation import check_choice, check_int, check_text, rename_key
 
 DEFAULT_CRITERION = "Which response is warmer, more positive and more helpful?"
 
@@ -48,7 +49,8 @@ DEFAULT_TEMPLATE = (
 ``response_b``, ``criterion``."""
 
 TEMPLATE_FIELDS = ("prompt", "response_a", "response_b", "criterion")
-AGGREGATIONS = ("copeland", "bradley_terry")
+RANKINGS = ("copeland", "bradley_terry")
+"""How pairwise preferences become per-response scores (the ``ranking`` setting)."""
 LETTERS = ("A", "B")
 _TIE = 1e-6  # Copeland: |pref - 0.5| below this is a tie (float noise from batching never decides a win)
 
@@ -119,9 +121,9 @@ def bradley_terry_scores(pref: Float[Tensor, "k k"], iterations: int = 1000, tol
     return logp - logp.mean()
 
 
-def aggregate_preferences(pref: Float[Tensor, "k k"], method: str = "copeland") -> Float[Tensor, " k"]:
+def rank_preferences(pref: Float[Tensor, "k k"], method: str = "copeland") -> Float[Tensor, " k"]:
     """Per-response scores from a pairwise preference matrix (``"copeland"`` or ``"bradley_terry"``)."""
-    check_choice("self_judge", "aggregation", method, AGGREGATIONS)
+    check_choice("self_judge", "ranking", method, RANKINGS)
     return copeland_scores(pref) if method == "copeland" else bradley_terry_scores(pref)
 
 
@@ -139,23 +141,32 @@ class SelfJudge:
     fields ``{prompt}``, ``{response_a}``, ``{response_b}``, ``{criterion}``), ``system`` (the
     judge's system message; None keeps the chat template's default), ``answer_prefix`` (text that
     opens the judge's answer before the letter, e.g. ``"The better response is"``; empty: the letter
-    is the answer's first token), ``aggregation`` (``"copeland"`` or ``"bradley_terry"``) and
+    is the answer's first token), ``ranking`` (``"copeland"`` or ``"bradley_terry"``) and
     ``batch_size`` (judging prompts per forward).
     """
 
     name: ClassVar[str] = "self_judge"
     relative: ClassVar[bool] = True
     """Scores rank responses within one call (they sum to zero): compare only within a group."""
+    judges_with_policy: ClassVar[bool] = True
+    """It judges as the model it runs on: the current policy during training (SIMS-PR)."""
     model: Any = field(default=None, repr=False)
     tokenizer: Any = field(default=None, repr=False)
     criterion: str = DEFAULT_CRITERION
     template: str = DEFAULT_TEMPLATE
     system: str | None = None
     answer_prefix: str = ""
-    aggregation: str = "copeland"
+    ranking: str = "copeland"
     batch_size: int = 8
     answer_ids: tuple[int, int] = field(default=(-1, -1), init=False)
     _keep_last_only: bool = field(default=True, init=False, repr=False)
+
+    @staticmethod
+    def prepare_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+        """Accept the old name ``aggregation`` of ``ranking`` (with a one-line note)."""
+        out = dict(settings)
+        rename_key(out, "aggregation", "ranking", "oracles.self_judge")
+        return out
 
     def __post_init__(self) -> None:
         if self.model is None or self.tokenizer is None:
@@ -177,7 +188,7 @@ class SelfJudge:
                 f"self_judge: setting 'answer_prefix' must be text without trailing spaces (the space before "
                 f"the letter belongs to the answer token), got {self.answer_prefix!r}"
             )
-        check_choice(self.name, "aggregation", self.aggregation, AGGREGATIONS)
+        check_choice(self.name, "ranking", self.ranking, RANKINGS)
         check_int(self.name, 1, batch_size=self.batch_size)
         self.answer_ids = answer_token_ids(self.tokenizer, self.answer_prefix)
         probe = self.judge_text("Hi", "Hello.", "Hey.")
@@ -258,4 +269,4 @@ class SelfJudge:
         return self.preferences([prompt], [responses])[0]
 
     def score(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> list[list[float]]:
-        return [aggregate_preferences(pref, self.aggregation).tolist() for pref in self.preferences(prompts, responses)]
+        return [rank_preferences(pref, self.ranking).tolist() for pref in self.preferences(prompts, responses)]

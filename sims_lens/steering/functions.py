@@ -1,6 +1,6 @@
 """Steering functions: pure tensor edits plus their parameters and metadata.
 
-A :class:`SteeringFunction` edits the activations of one hook point (one layer). Its ``kind``
+A :class:`SteeringFunction` edits the activations of one hook point (one layer). Its ``edit``
 names a pure function in :data:`EDITS`; its ``params`` hold the tensors that function needs.
 Every edit is written as ``h + multiplier * delta(h)`` (or a rotation whose angle is scaled
 by the multiplier), so multiplier 0 is always the identity. A :class:`SteeringSet` (one function
@@ -99,17 +99,17 @@ def _edit_hpr(h: Tensor, params: Mapping[str, Tensor], multiplier: float) -> Ten
 
 
 EDITS: dict[str, Edit] = {"add": _edit_add, "ablate_add": _edit_ablate_add, "hpr": _edit_hpr}
-"""Registry of edit kinds. A new kind registers its pure function here."""
+"""Registry of edits by name. A new edit registers its pure function here."""
 
 DIRECTION_PARAM: dict[str, str] = {"add": "vector", "ablate_add": "vector", "hpr": "probe"}
-"""Which parameter is the kind's "steering direction" for geometry (cosines, logit lens)."""
+"""Which parameter is each edit's "steering direction" for geometry (cosines, logit lens)."""
 
 
 @dataclass
 class SteeringFunction:
     """One learned edit at one hook point, with the metadata needed to save, load and compare it."""
 
-    kind: str
+    edit: str
     hook: str
     params: dict[str, Tensor]
     multiplier: float = 1.0
@@ -118,11 +118,11 @@ class SteeringFunction:
     extra: dict[str, float | int | str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.kind not in EDITS:
-            raise ValueError(f"unknown steering kind {self.kind!r}; known kinds: {sorted(EDITS)}")
-        missing = {DIRECTION_PARAM[self.kind]} - set(self.params)
+        if self.edit not in EDITS:
+            raise ValueError(f"unknown steering edit {self.edit!r}; known edits: {sorted(EDITS)}")
+        missing = {DIRECTION_PARAM[self.edit]} - set(self.params)
         if missing:
-            raise ValueError(f"steering kind {self.kind!r} needs parameters {sorted(missing)}")
+            raise ValueError(f"steering edit {self.edit!r} needs parameters {sorted(missing)}")
 
     @property
     def layer(self) -> int | None:
@@ -135,10 +135,10 @@ class SteeringFunction:
     @property
     def direction(self) -> Float[Tensor, " d_model"]:
         """The function's steering direction (the added vector, or HPR's probe normal)."""
-        return self.params[DIRECTION_PARAM[self.kind]]
+        return self.params[DIRECTION_PARAM[self.edit]]
 
     def __call__(self, h: Float[Tensor, "... d_model"], multiplier: float = 1.0) -> Float[Tensor, "... d_model"]:
-        return EDITS[self.kind](h, self.params, self.multiplier * multiplier)
+        return EDITS[self.edit](h, self.params, self.multiplier * multiplier)
 
     def scaled(self, factor: float) -> SteeringFunction:
         return dataclasses.replace(self, multiplier=self.multiplier * factor)
@@ -153,7 +153,7 @@ class SteeringSet:
     """The steering functions of one policy: hook name -> functions applied in order.
 
     Most sets hold one function per hook. Adding two sets sums additive vectors at shared hooks
-    (the exact sum of two ``add`` edits) and chains any other kinds.
+    (the exact sum of two ``add`` edits) and chains any other edits.
     """
 
     functions: dict[str, list[SteeringFunction]] = field(default_factory=dict)
@@ -230,7 +230,7 @@ def _merge_chain(fns: list[SteeringFunction]) -> list[SteeringFunction]:
     """Fold consecutive ``add`` edits into one (their sum is exact); keep others in order."""
     out: list[SteeringFunction] = []
     for fn in fns:
-        if out and out[-1].kind == "add" and fn.kind == "add":
+        if out and out[-1].edit == "add" and fn.edit == "add":
             prev = out[-1]
             vector = prev.multiplier * prev.params["vector"] + fn.multiplier * fn.params["vector"].to(
                 prev.params["vector"].dtype

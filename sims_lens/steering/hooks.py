@@ -54,7 +54,7 @@ def make_hook_fn(
     """
 
     functions = steering.functions[name]
-    if all(fn.kind == "add" for fn in functions):
+    if all(fn.edit == "add" for fn in functions):
         # the common case, kept cheap: one precomputed vector per hook
         total = multiplier * torch.stack([fn.multiplier * fn.params["vector"] for fn in functions]).sum(0)
 

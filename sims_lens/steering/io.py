@@ -30,7 +30,7 @@ def steering_metadata(steering: SteeringSet, model: Any | None = None) -> dict[s
                     "hook": hook,
                     "index": index,
                     "layer": fn.layer,
-                    "kind": fn.kind,
+                    "edit": fn.edit,
                     "learner": fn.learner,
                     "multiplier": fn.multiplier,
                     "iteration": fn.iteration,
@@ -125,7 +125,7 @@ def load_steering(path: str | Path, model: Any | None = None) -> SteeringSet:
         params = {name: tensors[prefix + name] for name in entry["params"]}
         functions.append(
             SteeringFunction(
-                kind=entry["kind"],
+                edit=entry.get("edit", entry.get("kind")),  # "kind" in files written before 0.2
                 hook=entry["hook"],
                 params=params,
                 multiplier=float(entry["multiplier"]),

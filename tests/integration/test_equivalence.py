@@ -63,8 +63,8 @@ def test_mean_diff_matches_steering_vectors(embedded, hf_model):
             out.append(Exchange(tuple(ids[:-1]), tuple(ids[-1:])))  # the read position: the last token
         return out
 
-    pos = capture(model, exchanges(0), hooks, tok.pad_token_id, aggregation="last")
-    neg = capture(model, exchanges(1), hooks, tok.pad_token_id, aggregation="last")
+    pos = capture(model, exchanges(0), hooks, tok.pad_token_id, reduction="last")
+    neg = capture(model, exchanges(1), hooks, tok.pad_token_id, reduction="last")
     learner = make_learner("mean_diff")
     for i, (layer, hook) in enumerate(zip(LAYERS, hooks, strict=True)):
         ours = learner.fit(pos[:, i], neg[:, i], hook).direction

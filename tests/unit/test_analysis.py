@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,12 +29,12 @@ from analysis.logit_lens import direction_logits, logit_lens, steering_lens
 from analysis.report import report, summary_table
 from analysis.run_data import load_run
 from analysis.separability import separability
-from analysis.svg import figure_to_svg
 from sims_lens.config import load_config
 from sims_lens.generation import GenerationSettings
 from sims_lens.loop import Sims
 from sims_lens.prompts import Prompt
-from sims_lens.run import RunWriter, prepare_folder, run_iterations
+from sims_lens.run import RunWriter
+from sims_lens.run_folder import open_run
 from sims_lens.steering.functions import SteeringFunction, SteeringSet
 from sims_lens.steering.learners import make_learner
 
@@ -94,7 +93,7 @@ def test_drift_curves_and_norms(policies):
 
 def test_cosine_of_a_zero_vector_is_nan_and_geometry_rows(policies):
     assert math.isnan(cosine(torch.zeros(4), E0))
-    rows = geometry_rows(2, policies[2], previous=policies[1], first=policies[1], update=policies[2])
+    rows = geometry_rows(2, policies[2], previous=policies[1], first=policies[1], fit=policies[2])
     got = {(r["metric"], r["layer"]): r["value"] for r in rows}
     assert got[("cos_prev", 0)] == pytest.approx(S2) and got[("cos_first", 3)] == pytest.approx(-1)
     assert got[("norm", 0)] == pytest.approx(math.sqrt(2)) and ("update_cos_prev", 0) not in got
@@ -151,13 +150,6 @@ def test_metric_figures_and_empty_inputs(policies):
     assert len(sep.data) == 2 * 2 and list(sep.data[0].x) == [0, 3]
     empty = pd.DataFrame(columns=["iteration", "split", "metric", "layer", "value"])
     assert len(heldout_figure(empty).data) == 0 and len(cosine_iterations_figure({}).data) == 0
-
-
-def test_svg_rendering_is_well_formed(policies):
-    for fig in (heldout_figure(metrics_frame()), cosine_iterations_figure(policies), drift_figure(policies)):
-        root = ET.fromstring(figure_to_svg(fig))
-        tags = {el.tag.split("}")[1] for el in root.iter()}
-        assert {"svg", "text"} <= tags and ({"polyline", "rect"} & tags)
 
 
 # -- logit lens -------------------------------------------------------------------------------
@@ -234,10 +226,10 @@ def tiny_run(tiny, tmp_path_factory):
     model, tok = tiny
     config = load_config(None, [f"{k}={json.dumps(v)}" for k, v in SETTINGS.items()])
     out = tmp_path_factory.mktemp("analysis") / "run"
-    folder, config, done = prepare_folder(out, config, resume=False)
+    folder, config, _ = open_run(out, config, resume=False)
     sims = Sims(model, tok, config, TRAIN, HELDOUT, LetterOracle(), make_learner(config.learner), progress=False)
     sims.callbacks = [RunWriter(folder, model), LiveAnalysis(out)]
-    results = list(run_iterations(sims, folder, done))
+    results = list(sims.iterate())
     return out, results
 
 
@@ -247,7 +239,7 @@ def test_live_callback_writes_analysis_metrics_and_figures(tiny_run):
     frame = pd.read_csv(out / "analysis_metrics.csv")
     assert list(frame.columns) == ["iteration", "split", "metric", "layer", "value"]
     assert set(frame["split"]) == {"analysis"} and set(frame["iteration"]) == {1, 2} and set(frame["layer"]) == {0, 1}
-    assert {"norm", "cos_prev", "cos_first", "update_norm", "probe_accuracy", "fisher_ratio"} <= set(frame["metric"])
+    assert {"norm", "cos_prev", "cos_first", "fit_norm", "probe_accuracy", "fisher_ratio"} <= set(frame["metric"])
     cos_prev = frame[(frame["metric"] == "cos_prev") & (frame["layer"] == 0)]["value"].item()
     expected = cosine(
         results[1].policy.direction("blocks.0.hook_resid_post"), results[0].policy.direction("blocks.0.hook_resid_post")
@@ -280,7 +272,7 @@ def test_report_regenerates_from_the_folder_alone(tiny_run, tmp_path):
     assert list(table.columns) == ["reward_mean", "win_rate_vs_base", "perplexity_under_base", "response_length"]
     assert table.loc[2, "reward_mean"] == pytest.approx(results[1].heldout.reward_mean)
     data = load_run(copy)
-    assert sorted(data.policies) == [1, 2] and sorted(data.updates) == [1, 2]
+    assert sorted(data.policies) == [1, 2] and sorted(data.fits) == [1, 2]
 
 
 def test_report_of_a_partial_run_skips_an_unfinished_iteration(tiny_run, tmp_path):
@@ -324,7 +316,7 @@ def test_live_callback_swallows_failures_with_one_warning_line(tiny_run, tmp_pat
     assert set(pd.read_csv(tmp_path / "elsewhere" / "analysis_metrics.csv")["iteration"]) == {1, 2}
 
     class Broken:
-        iteration, policy, update, metrics = 1, None, None, []
+        iteration, policy, fitted, metrics = 1, None, None, []
 
     LiveAnalysis(tmp_path / "x", figures=False).on_iteration(Broken())
     assert capsys.readouterr().err.count("warning:") == 1

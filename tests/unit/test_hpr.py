@@ -62,7 +62,7 @@ def heldout() -> tuple[Tensor, Tensor]:
 
 
 def test_returns_raw_space_hpr_parameters(fitted: SteeringFunction) -> None:
-    assert (fitted.kind, fitted.learner, fitted.hook) == ("hpr", "hpr", HOOK)
+    assert (fitted.edit, fitted.learner, fitted.hook) == ("hpr", "hpr", HOOK)
     shapes = {k: tuple(v.shape) for k, v in fitted.params.items()}
     assert shapes == {"probe": (D,), "mlp_w1": (D, 64), "mlp_b1": (64,), "mlp_w2": (64, 1), "mlp_b2": (1,)}
     assert fitted.extra["train_probe_accuracy"] > 0.99
@@ -140,4 +140,4 @@ def test_needs_position_paired_tokens() -> None:
     pos, neg = _shell_pairs(20, seed=0)
     with pytest.raises(ValueError, match="paired rows"):
         HPRLearner(epochs=1).fit(pos, neg[:-1], HOOK)
-    assert HPRLearner().aggregation == "tokens"
+    assert HPRLearner().inputs == "token_pairs"

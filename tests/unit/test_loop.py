@@ -16,7 +16,8 @@ from sims_lens.config import load_config
 from sims_lens.contrast import MemoryBank, Sample, select_pairs
 from sims_lens.loop import NotSeparableError, Sims
 from sims_lens.prompts import Prompt
-from sims_lens.run import RunFolder, prepare_folder, run_iterations
+from sims_lens.run import RunWriter, restore_state
+from sims_lens.run_folder import RunFolder, RunFolderError, open_run
 from sims_lens.steering.io import load_steering
 from sims_lens.steering.learners import make_learner
 
@@ -134,7 +135,7 @@ def test_two_iterations_end_to_end(tiny):
     sims = tiny_sims(tiny)
     results = list(sims.iterate())
     assert [r.iteration for r in results] == [1, 2]
-    assert sims.state is not None and sims.state.base_heldout is not None
+    assert sims.state.base_heldout is not None and sims.state.completed == 2
     for r in results:
         assert r.hooks == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
         assert len(r.samples) == 4 * 3 and {s.label for s in r.samples} <= {"+", "-", ""}
@@ -143,16 +144,16 @@ def test_two_iterations_end_to_end(tiny):
         metrics = {(m["metric"], m["split"], m["layer"]) for m in r.metrics}
         for name in ["reward_mean", "win_rate_vs_base", "perplexity_under_base", "response_length"]:
             assert (name, "heldout", None) in metrics
-    # accumulate: the policy after two iterations is the sum of the two updates
+    # accumulate: the policy after two iterations is the sum of the two fits
     for hook in results[1].hooks:
-        expected = results[0].update.direction(hook) + results[1].update.direction(hook)
+        expected = results[0].fitted.direction(hook) + results[1].fitted.direction(hook)
         torch.testing.assert_close(results[1].policy.direction(hook), expected)
 
 
 def test_refit_keeps_only_the_latest_update(tiny):
     results = list(tiny_sims(tiny, update="refit").iterate())
     hook = results[1].hooks[0]
-    torch.testing.assert_close(results[1].policy.direction(hook), results[1].update.direction(hook))
+    torch.testing.assert_close(results[1].policy.direction(hook), results[1].fitted.direction(hook))
 
 
 def test_an_oracle_that_cannot_separate_is_a_clear_error(tiny):
@@ -167,7 +168,7 @@ def test_top_k_layers_by_probe_accuracy(tiny):
 
 def test_hpr_runs_in_the_loop(tiny):
     results = list(tiny_sims(tiny, learner="hpr", iterations=1, **{"learners.hpr.epochs": 5}).iterate())
-    assert results[0].policy.functions[results[0].hooks[0]][0].kind == "hpr"
+    assert results[0].policy.functions[results[0].hooks[0]][0].edit == "hpr"
 
 
 class Interrupt(Exception):
@@ -184,22 +185,21 @@ class StopAfter:
 
 
 def test_interrupted_run_resumes_from_the_last_finished_iteration(tiny, tmp_path: Path):
-    from sims_lens.run import RunWriter
-
     out = tmp_path / "run"
     sims = tiny_sims(tiny)
-    folder, _, done = prepare_folder(out, sims.config, resume=False)
+    folder, _, done = open_run(out, sims.config, resume=False)
     sims.callbacks = [RunWriter(folder, sims.model), StopAfter(2)]
     with pytest.raises(Interrupt):
-        list(run_iterations(sims, folder, done))
+        list(sims.iterate())
     assert json.loads((out / "state.json").read_text())["completed_iterations"] == 1
     first = (out / "steering" / "iter_001.safetensors").read_bytes()
 
-    folder, _, done = prepare_folder(out, None, resume=True)
+    folder, _, done = open_run(out, None, resume=True)
     assert done == 1
     resumed = tiny_sims(tiny)
+    resumed.state = restore_state(folder, resumed)
     resumed.callbacks = [RunWriter(folder, resumed.model)]
-    results = list(run_iterations(resumed, folder, done))
+    results = list(resumed.iterate())
     assert [r.iteration for r in results] == [2]
     assert (out / "steering" / "iter_001.safetensors").read_bytes() == first
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -216,17 +216,15 @@ def test_interrupted_run_resumes_from_the_last_finished_iteration(tiny, tmp_path
 
 
 def test_existing_folder_without_resume_and_changed_config_are_refused(tiny, tmp_path: Path):
-    from sims_lens.run import RunFolderError
-
     sims = tiny_sims(tiny)
-    prepare_folder(tmp_path / "r", sims.config, resume=False)
+    open_run(tmp_path / "r", sims.config, resume=False)
     with pytest.raises(RunFolderError, match="--resume"):
-        prepare_folder(tmp_path / "r", sims.config, resume=False)
+        open_run(tmp_path / "r", sims.config, resume=False)
     changed = load_config(None, ['learner="pca"'])
     with pytest.raises(RunFolderError, match="changed"):
-        prepare_folder(tmp_path / "r", changed, resume=True)
+        open_run(tmp_path / "r", changed, resume=True)
     with pytest.raises(RunFolderError, match=r"no config\.toml"):
-        prepare_folder(tmp_path / "empty", None, resume=True)
+        open_run(tmp_path / "empty", None, resume=True)
 
 
 def test_reference_oracle_agreement_is_logged(tiny):
@@ -278,11 +276,11 @@ def test_reference_oracle_is_scored_on_heldout(tiny):
 
 def test_a_torn_last_line_does_not_block_resume(tmp_path: Path):
     folder = RunFolder(tmp_path)
-    folder.append_jsonl("samples.jsonl", [{"iteration": 1, "x": 1}, {"iteration": 2, "x": 2}])
+    folder.append_samples([{"iteration": 1, "x": 1}, {"iteration": 2, "x": 2}])
     with (tmp_path / "samples.jsonl").open("a") as fh:
         fh.write('{"iteration": 2, "respo')
     folder.truncate_after(1)
-    assert folder.read_jsonl("samples.jsonl") == [{"iteration": 1, "x": 1}]
+    assert folder.read_samples() == [{"iteration": 1, "x": 1}]
 
 
 def test_resid_mid_is_refused_for_steering(tiny):

@@ -1,4 +1,4 @@
-"""Preference oracles: the interface and registry, each oracle, aggregation and agreement."""
+"""Preference oracles: the interface and registry, each oracle, ranking and agreement."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from sims_lens.oracles import (
-    ORACLE_NAMES,
+    ORACLES,
     Oracle,
     SelfJudge,
     agreement,
     answer_token_ids,
     bradley_terry_scores,
     copeland_scores,
+    judges_with_policy,
     make_oracle,
-    oracle_settings,
 )
 from sims_lens.tiny import tiny_model, tiny_tokenizer
 
@@ -50,7 +50,7 @@ def pref4(judge):
 
 
 def test_registry_names_and_protocol(judge):
-    assert ORACLE_NAMES == ("composite", "embedding_similarity", "lexicon_sentiment", "reward_model", "self_judge")
+    assert ORACLES.names() == ["composite", "embedding_similarity", "lexicon_sentiment", "reward_model", "self_judge"]
     assert isinstance(judge, Oracle) and judge.name == "self_judge"
     lexicon = make_oracle("lexicon_sentiment")
     assert isinstance(lexicon, Oracle) and lexicon.name == "lexicon_sentiment"
@@ -65,9 +65,12 @@ def test_unknown_oracle_and_settings_are_named():
         make_oracle("lexicon_sentiment", {"model": "x"})  # a resource is not a setting
     with pytest.raises(ValueError, match=r"'reward_model' needs the setting\(s\) \['name_or_path'\]"):
         make_oracle("reward_model")
-    with pytest.raises(ValueError, match=r"setting 'measure' must be one of \['compound', 'pos', 'pos_minus_neg'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"lexicon_sentiment.measure = 'neg' is not allowed; use one of \['compound', 'pos', 'pos_minus_neg'\]",
+    ):
         make_oracle("lexicon_sentiment", {"measure": "neg"})
-    assert "aggregation" in oracle_settings("self_judge") and "model" not in oracle_settings("self_judge")
+    assert "ranking" in ORACLES.settings("self_judge") and "model" not in ORACLES.settings("self_judge")
 
 
 def test_score_inputs_are_checked():
@@ -110,7 +113,7 @@ def test_agreement_hand_made_cases():
         agreement([[1.0]], [[1.0], [2.0]])
 
 
-# --- self_judge: aggregation -------------------------------------------------------------------
+# --- self_judge: ranking -----------------------------------------------------------------------
 
 
 def _planted(strengths: list[float]) -> torch.Tensor:
@@ -199,7 +202,7 @@ def test_self_judge_is_order_symmetric_and_permutation_equivariant(judge, pref4)
     perm = [2, 0, 3, 1]
     permuted = judge.pairwise_preferences(PROMPT, [RESPONSES[i] for i in perm])
     assert torch.allclose(permuted, pref[perm][:, perm], atol=1e-5)
-    bt = make_oracle("self_judge", {"aggregation": "bradley_terry"}, model=judge.model, tokenizer=judge.tokenizer)
+    bt = make_oracle("self_judge", {"ranking": "bradley_terry"}, model=judge.model, tokenizer=judge.tokenizer)
     scores_perm = torch.tensor(bt.score([PROMPT], [[RESPONSES[i] for i in perm]])[0], dtype=torch.float64)
     assert torch.allclose(scores_perm, bradley_terry_scores(pref)[perm], atol=1e-4)
 
@@ -244,17 +247,38 @@ def test_self_judge_follows_active_hooks(judge, tiny, pref4):
         judge.prob_first(pairs[:1])
 
 
+def test_self_judge_old_setting_name_still_works_with_a_note(tiny, capsys):
+    bridge, tokenizer = tiny
+    judge = make_oracle("self_judge", {"aggregation": "bradley_terry"}, model=bridge, tokenizer=tokenizer)
+    assert judge.ranking == "bradley_terry"
+    assert capsys.readouterr().err.strip() == (
+        "note: configuration key oracles.self_judge.aggregation is now called oracles.self_judge.ranking; "
+        "please rename it"
+    )
+
+
+def test_judging_as_the_policy_is_a_property_of_the_oracle(tiny):
+    bridge, tokenizer = tiny
+    assert judges_with_policy(make_oracle("self_judge", model=bridge, tokenizer=tokenizer))
+    assert not judges_with_policy(make_oracle("lexicon_sentiment"))
+    mixed = {"components": {"lexicon_sentiment": 1.0, "self_judge": 0.5}}
+    assert judges_with_policy(make_oracle("composite", mixed, model=bridge, tokenizer=tokenizer))
+    assert not judges_with_policy(make_oracle("composite", {"components": {"lexicon_sentiment": 1.0}}))
+
+
 def test_self_judge_settings_are_validated(tiny):
     bridge, tokenizer = tiny
     with pytest.raises(ValueError, match=r"needs the language model and its tokenizer"):
         make_oracle("self_judge")
-    with pytest.raises(ValueError, match=r"'aggregation' must be one of \['copeland', 'bradley_terry'\]"):
-        make_oracle("self_judge", {"aggregation": "borda"}, model=bridge, tokenizer=tokenizer)
+    with pytest.raises(
+        ValueError, match=r"self_judge.ranking = 'borda' is not allowed; use one of \['copeland', 'bradley_terry'\]"
+    ):
+        make_oracle("self_judge", {"ranking": "borda"}, model=bridge, tokenizer=tokenizer)
     with pytest.raises(ValueError, match=r"must use exactly the fields"):
         make_oracle("self_judge", {"template": "{prompt} {response_a}"}, model=bridge, tokenizer=tokenizer)
     with pytest.raises(ValueError, match=r"without trailing spaces"):
         make_oracle("self_judge", {"answer_prefix": "Answer: "}, model=bridge, tokenizer=tokenizer)
-    with pytest.raises(ValueError, match=r"'batch_size' must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"self_judge.batch_size = 0 is not allowed; use an integer >= 1"):
         make_oracle("self_judge", {"batch_size": 0}, model=bridge, tokenizer=tokenizer)
     text = make_oracle("self_judge", {"criterion": "Which is kinder?"}, model=bridge, tokenizer=tokenizer).judge_text(
         "P?", "RA", "RB"
@@ -383,7 +407,7 @@ def test_embedding_similarity_errors(tmp_path):
 
     with pytest.raises(ModelLoadError, match=r"is not a local encoder folder \(no config.json\)"):
         make_oracle("embedding_similarity", {"model_path": str(tmp_path)})
-    with pytest.raises(ValueError, match=r"setting 'target' must be non-empty text"):
+    with pytest.raises(ValueError, match=r"embedding_similarity.target = '  ' is not allowed; use non-empty text"):
         make_oracle("embedding_similarity", {"target": "  "})
 
 
@@ -434,7 +458,7 @@ def test_composite_with_self_judge_component(judge, pref4):
     )
     got = composite.score([PROMPT], [RESPONSES])[0]
     lexicon = make_oracle("lexicon_sentiment").score(["q"], [RESPONSES])[0]
-    # self_judge.score is Copeland over its pairwise preferences (the default aggregation)
+    # self_judge.score is Copeland over its pairwise preferences (the default ranking)
     expected = [a + 0.25 * b for a, b in zip(copeland_scores(pref4).tolist(), lexicon, strict=True)]
     assert got == pytest.approx(expected, abs=1e-6)
 
@@ -465,7 +489,7 @@ def test_composite_errors():
         make_oracle("composite", {"components": {"lexicon_sentiment": 1.0}, "lexicon_sentiment": {"mesure": 1}})
     with pytest.raises(ValueError, match=r"length_unit 'token' needs the tokenizer"):
         make_oracle("composite", {"length_penalty": 0.1, "length_unit": "token"})
-    with pytest.raises(ValueError, match=r"'length_penalty' must be a finite number >= 0.0"):
+    with pytest.raises(ValueError, match=r"composite.length_penalty = -1 is not allowed; use a finite number >= 0"):
         make_oracle("composite", {"length_penalty": -1})
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['weights'\] for oracle 'composite'; allowed"):
         make_oracle("composite", {"weights": {"lexicon_sentiment": 1.0}})

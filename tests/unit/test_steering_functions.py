@@ -33,14 +33,14 @@ def test_ablate_add_removes_the_ablated_direction_at_multiplier_one():
     torch.testing.assert_close(fn(h, 0.0), h)
 
 
-def test_unknown_kind_and_missing_params_are_refused():
-    with pytest.raises(ValueError, match="unknown steering kind"):
+def test_unknown_edit_and_missing_params_are_refused():
+    with pytest.raises(ValueError, match="unknown steering edit"):
         SteeringFunction("warp", "blocks.0.hook_resid_post", {"vector": torch.ones(3)})
     with pytest.raises(ValueError, match="needs parameters"):
         SteeringFunction("add", "blocks.0.hook_resid_post", {})
 
 
-def test_adding_sets_sums_vectors_exactly_and_chains_other_kinds():
+def test_adding_sets_sums_vectors_exactly_and_chains_other_edits():
     a = SteeringSet.from_functions([add_fn("blocks.0.hook_resid_post", torch.ones(3), multiplier=2.0)])
     b = SteeringSet.from_functions(
         [add_fn("blocks.0.hook_resid_post", torch.arange(3.0)), add_fn("blocks.1.hook_resid_post", torch.ones(3))]
@@ -56,7 +56,7 @@ def test_adding_sets_sums_vectors_exactly_and_chains_other_kinds():
         [SteeringFunction("ablate_add", "blocks.0.hook_resid_post", {"vector": torch.ones(3), "ablate": u})]
     )
     chained = a + c
-    assert [f.kind for f in chained.functions["blocks.0.hook_resid_post"]] == ["add", "ablate_add"]
+    assert [f.edit for f in chained.functions["blocks.0.hook_resid_post"]] == ["add", "ablate_add"]
     torch.testing.assert_close(
         chained("blocks.0.hook_resid_post", h), c("blocks.0.hook_resid_post", a("blocks.0.hook_resid_post", h))
     )
@@ -99,8 +99,8 @@ def test_save_load_round_trip_with_metadata(tmp_path, tiny):
     assert loaded.positions == "generated" and loaded.iteration == 2
     for hook in steering.functions:
         for fa, fb in zip(steering.functions[hook], loaded.functions[hook], strict=True):
-            assert (fa.kind, fa.multiplier, fa.learner, fa.iteration) == (
-                fb.kind,
+            assert (fa.edit, fa.multiplier, fa.learner, fa.iteration) == (
+                fb.edit,
                 fb.multiplier,
                 fb.learner,
                 fb.iteration,

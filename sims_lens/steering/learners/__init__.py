@@ -6,21 +6,20 @@ Registered names (:data:`LEARNERS`, :func:`make_learner`): ``mean_diff``, ``pca`
 
 from sims_lens.steering.learners.ablate_add import AblateAddLearner, negative_direction
 from sims_lens.steering.learners.base import (
-    AGGREGATIONS,
+    INPUTS,
     LEARNERS,
     Learner,
     check_activations,
-    learner_settings,
     make_learner,
     register_learner,
 )
 from sims_lens.steering.learners.hpr import HPRLearner
 from sims_lens.steering.learners.mean_diff import MeanDiffLearner, mean_difference
 from sims_lens.steering.learners.pca import PCALearner
-from sims_lens.steering.learners.probe import ProbeLearner, fisher_ratio, fit_logistic, probe_accuracy
+from sims_lens.steering.learners.probe import ProbeLearner, fit_logistic
 
 __all__ = [
-    "AGGREGATIONS",
+    "INPUTS",
     "LEARNERS",
     "AblateAddLearner",
     "HPRLearner",
@@ -29,12 +28,9 @@ __all__ = [
     "PCALearner",
     "ProbeLearner",
     "check_activations",
-    "fisher_ratio",
     "fit_logistic",
-    "learner_settings",
     "make_learner",
     "mean_difference",
     "negative_direction",
-    "probe_accuracy",
     "register_learner",
 ]

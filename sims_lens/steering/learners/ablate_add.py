@@ -60,7 +60,7 @@ class AblateAddLearner:
     """
 
     name: ClassVar[str] = "ablate_add"
-    aggregation: ClassVar[str] = "mean"
+    inputs: ClassVar[str] = "samples"
 
     def fit(self, pos: Float[Tensor, "n_pos d"], neg: Float[Tensor, "n_neg d"], hook: str) -> SteeringFunction:
         pos, neg = check_activations(pos, neg, learner=self.name)
@@ -68,7 +68,7 @@ class AblateAddLearner:
         ablate = negative_direction(pos, neg)
         cosine = float(torch.nn.functional.cosine_similarity(ablate, vector, dim=0)) if ablate.any() else 0.0
         return SteeringFunction(
-            kind="ablate_add",
+            edit="ablate_add",
             hook=hook,
             params={"vector": vector, "ablate": ablate},
             learner=self.name,

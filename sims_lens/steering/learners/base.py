@@ -7,23 +7,23 @@ are small dataclasses whose fields are their settings, so a TOML table maps onto
 
 from __future__ import annotations
 
-import inspect
-import math
-from collections.abc import Callable
-from typing import Protocol, TypeVar, runtime_checkable
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from sims_lens.registry import Registry
 from sims_lens.steering.functions import SteeringFunction
 
-AGGREGATIONS = ("mean", "tokens")
-"""How a learner wants its activations reduced.
+INPUTS = ("samples", "token_pairs")
+"""The activation layouts a learner can ask for (its ``inputs``).
 
-``"mean"``: one row per sample (its response tokens reduced); ``pos[i]`` and ``neg[i]`` come from
-the same prompt. ``"tokens"``: one row per response token, position-paired: ``pos[i]`` and
-``neg[i]`` are the same-position tokens of a paired ``y+`` and ``y-`` (HPR needs this).
+``"samples"``: one row per sample (its response tokens reduced by the run's ``reduction``);
+``pos[i]`` and ``neg[i]`` come from the same prompt. ``"token_pairs"``: one row per response
+token, position-paired: ``pos[i]`` and ``neg[i]`` are the same-position tokens of a paired ``y+``
+and ``y-`` (HPR needs this).
 """
 
 
@@ -37,8 +37,8 @@ class Learner(Protocol):
         ...
 
     @property
-    def aggregation(self) -> str:
-        """One of :data:`AGGREGATIONS`: the activation layout ``fit`` expects."""
+    def inputs(self) -> str:
+        """One of :data:`INPUTS`: the activation layout ``fit`` expects."""
         ...
 
     def fit(
@@ -48,46 +48,19 @@ class Learner(Protocol):
         ...
 
 
-LEARNERS: dict[str, Callable[..., Learner]] = {}
-"""Registry: learner name -> constructor taking the learner's settings as keyword arguments."""
+LEARNERS: Registry[Learner] = Registry("learner")
+"""Registry: learner name -> class taking the learner's settings as keyword arguments."""
 
-_L = TypeVar("_L")
-
-
-def register_learner(name: str) -> Callable[[type[_L]], type[_L]]:
-    """Class decorator adding a learner class to :data:`LEARNERS` under ``name``."""
-
-    def decorate(cls: type[_L]) -> type[_L]:
-        if name in LEARNERS:
-            raise ValueError(f"learner {name!r} is already registered")
-        LEARNERS[name] = cls  # type: ignore[assignment]
-        return cls
-
-    return decorate
+register_learner = LEARNERS.register
 
 
-def learner_settings(name: str) -> list[str]:
-    """The setting names the learner ``name`` accepts."""
-    return sorted(inspect.signature(_lookup(name)).parameters)
+def make_learner(name: str, settings: Mapping[str, Any] | None = None, **more: Any) -> Learner:
+    """Build the learner registered as ``name`` from a settings table and/or keyword settings.
 
-
-def make_learner(name: str, **settings: object) -> Learner:
-    """Build the learner registered as ``name`` with the given settings.
-
-    Raises ``ValueError`` naming the unknown learner (and the known ones), or the unknown
-    settings (and the allowed ones), instead of a bare ``TypeError``.
+    Raises ``ConfigError`` (a ``ValueError``) naming the unknown learner (and the known ones), or
+    the unknown settings (and the allowed ones), instead of a bare ``TypeError``.
     """
-    allowed = learner_settings(name)
-    unknown = sorted(set(settings) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown setting(s) {unknown} for learner {name!r}; allowed settings: {allowed}")
-    return _lookup(name)(**settings)
-
-
-def _lookup(name: str) -> Callable[..., Learner]:
-    if name not in LEARNERS:
-        raise ValueError(f"unknown learner {name!r}; known learners: {sorted(LEARNERS)}")
-    return LEARNERS[name]
+    return LEARNERS.make(name, {**dict(settings or {}), **more})
 
 
 def check_activations(
@@ -119,22 +92,6 @@ def check_activations(
     if pos.device != neg.device:
         raise ValueError(f"{learner}: pos is on {pos.device} but neg is on {neg.device}")
     return pos.float(), neg.float()
-
-
-def check_positive(owner: object, **values: float) -> None:
-    """Raise ``ValueError`` for any setting that is not a finite number > 0."""
-    cls = type(owner).__name__
-    for key, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{cls}: setting {key!r} must be a finite number > 0, got {value!r}")
-
-
-def check_int(owner: object, minimum: int, **values: int) -> None:
-    """Raise ``ValueError`` for any setting that is not an integer >= ``minimum``."""
-    cls = type(owner).__name__
-    for key, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{cls}: setting {key!r} must be an integer >= {minimum}, got {value!r}")
 
 
 def unit(x: Float[Tensor, " d"], eps: float = 1e-12) -> Float[Tensor, " d"]:

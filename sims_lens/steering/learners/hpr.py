@@ -18,8 +18,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from sims_lens.steering.functions import SteeringFunction, householder_angles, hpr_angle, hpr_probe_logit
-from sims_lens.steering.learners.base import check_activations, check_int, check_positive, register_learner
-from sims_lens.steering.learners.probe import logistic_lbfgs
+from sims_lens.steering.learners.base import check_activations, register_learner
+from sims_lens.steering.learners.probe import logistic_weights
+from sims_lens.validation import check_int, check_number
 
 
 @dataclass(frozen=True)
@@ -115,15 +116,13 @@ class HPRLearner:
     seed: int = 0
 
     name: ClassVar[str] = "hpr"
-    aggregation: ClassVar[str] = "tokens"
+    inputs: ClassVar[str] = "token_pairs"
 
     def __post_init__(self) -> None:
-        check_int(self, 1, epochs=self.epochs, batch_size=self.batch_size, hidden=self.hidden)
-        check_int(self, 0, seed=self.seed)
-        check_positive(self, lr=self.lr, probe_l2=self.probe_l2)
-        weight = self.angle_loss_weight
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"HPRLearner: setting 'angle_loss_weight' must be a finite number >= 0, got {weight!r}")
+        check_int(self.name, 1, epochs=self.epochs, batch_size=self.batch_size, hidden=self.hidden)
+        check_int(self.name, 0, seed=self.seed)
+        check_number(self.name, 0.0, above=True, lr=self.lr, probe_l2=self.probe_l2)
+        check_number(self.name, 0.0, angle_loss_weight=self.angle_loss_weight)
 
     def fit(self, pos: Float[Tensor, "n d"], neg: Float[Tensor, "n d"], hook: str) -> SteeringFunction:
         pos, neg = check_activations(pos, neg, paired=True, learner=self.name)
@@ -132,7 +131,7 @@ class HPRLearner:
         both = torch.cat([pos, neg])
         norm = _Normaliser.of(both)
         labels = torch.cat([torch.ones(n, device=device), torch.zeros(n, device=device)])
-        probe, _ = logistic_lbfgs(norm.for_probe(both), labels, l2=self.probe_l2, bias=False)
+        probe, _ = logistic_weights(norm.for_probe(both), labels, l2=self.probe_l2, bias=False)
 
         target = householder_angles(neg, pos)  # angle(h-_i, h+_i), the rotation that reaches h+_i
         targets = torch.cat([torch.zeros_like(target), target])
@@ -158,7 +157,7 @@ class HPRLearner:
             accuracy = ((logits > 0).float() == labels).float().mean()
             angle_mse = _angle_mse(params, both, targets)
         return SteeringFunction(
-            kind="hpr",
+            edit="hpr",
             hook=hook,
             params=params,
             learner=self.name,

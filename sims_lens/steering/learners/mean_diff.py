@@ -27,13 +27,13 @@ class MeanDiffLearner:
     """
 
     name: ClassVar[str] = "mean_diff"
-    aggregation: ClassVar[str] = "mean"
+    inputs: ClassVar[str] = "samples"
 
     def fit(self, pos: Float[Tensor, "n_pos d"], neg: Float[Tensor, "n_neg d"], hook: str) -> SteeringFunction:
         pos, neg = check_activations(pos, neg, learner=self.name)
         vector = mean_difference(pos, neg)
         return SteeringFunction(
-            kind="add",
+            edit="add",
             hook=hook,
             params={"vector": vector},
             learner=self.name,

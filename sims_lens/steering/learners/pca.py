@@ -40,7 +40,7 @@ class PCALearner:
     """
 
     name: ClassVar[str] = "pca"
-    aggregation: ClassVar[str] = "mean"
+    inputs: ClassVar[str] = "samples"
 
     def fit(self, pos: Float[Tensor, "n d"], neg: Float[Tensor, "n d"], hook: str) -> SteeringFunction:
         pos, neg = check_activations(pos, neg, paired=True, learner=self.name)
@@ -52,7 +52,7 @@ class PCALearner:
         explained = float((diffs @ u).pow(2).sum() / diffs.pow(2).sum().clamp_min(1e-30))
         cosine = float(torch.nn.functional.cosine_similarity(u, direction, dim=0))
         return SteeringFunction(
-            kind="add",
+            edit="add",
             hook=hook,
             params={"vector": direction.norm() * u},
             learner=self.name,
