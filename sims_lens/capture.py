@@ -1,4 +1,4 @@
-"""Capture activations of response tokens through hook points (DESIGN.md, "Eq. 3").
+"""Capture activations of response tokens through hook points (ARCHITECTURE.md, "The method", step 5).
 
 The base model is run on (prompt, response) token sequences in left-padded batches with
 ``run_with_cache`` restricted to the requested hook points. Only response tokens count: never the

@@ -1,6 +1,7 @@
 """The ``sims-lens`` command line.
 
-This is the only module that wires the core (loop, learners, oracles, capture) to ``analysis``.
+The command line (this module and :mod:`sims_lens.cli_run`, which imports the live analysis
+callbacks and the report) is the only place that wires the core to ``analysis``.
 Every failure the user can fix ends in one ``error: ...`` line and exit status 2.
 """
 

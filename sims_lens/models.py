@@ -8,8 +8,8 @@ Three sources share one entry point, :func:`load_model`:
 - a Hugging Face hub name (needs network access to the hub) or a local Hugging Face folder;
 - a local ``.gguf`` file (dequantised and cached like the embedded one).
 
-:func:`tiny_model` builds a random-weight Llama with the same hook-point names from a config,
-with an offline byte-level tokenizer, for fast unit tests.
+For fast unit tests, :func:`sims_lens.tiny.tiny_model` builds a random-weight Llama with the same
+hook-point names from a config, with an offline byte-level tokenizer.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -133,8 +134,9 @@ def test_hub_names_resolve_to_hub_and_offline_failure_is_clear(monkeypatch):
         models.load_model("some-org/definitely-not-here-123")
 
 
-def test_local_folder_loads(tmp_path: Path, tiny):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _one_layer_llama() -> tuple[Any, Any]:
+    """An offline tokenizer and a matching random one-layer Llama config."""
+    from transformers import LlamaConfig
 
     from sims_lens.tiny import tiny_tokenizer
 
@@ -147,6 +149,13 @@ def test_local_folder_loads(tmp_path: Path, tiny):
         num_attention_heads=2,
         num_key_value_heads=2,
     )
+    return tok, cfg
+
+
+def test_local_folder_loads(tmp_path: Path, tiny):
+    from transformers import LlamaForCausalLM
+
+    tok, cfg = _one_layer_llama()
     LlamaForCausalLM(cfg).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     model, tokenizer = models.load_model(str(tmp_path))
@@ -229,19 +238,9 @@ def test_reader_exceptions_become_model_load_errors(monkeypatch, tmp_path: Path,
 def _fake_reader(monkeypatch, tmp_path: Path):
     """Make transformers "read" any GGUF as a one-layer random Llama (no real GGUF needed)."""
     import transformers
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    from sims_lens.tiny import tiny_tokenizer
-
-    tok = tiny_tokenizer()
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
+    tok, cfg = _one_layer_llama()
     real_tokenizer = transformers.AutoTokenizer.from_pretrained
     real_model = transformers.AutoModelForCausalLM.from_pretrained
 
