@@ -24,7 +24,8 @@ from sims_lens.run_folder import RunFolder
 from sims_lens.steering.functions import layer_of
 
 DRIFT_METRICS = ["cos_prev", "cos_first", "cos_final"]
-SEPARABILITY_METRICS = ["probe_accuracy", "fisher_ratio"]
+SEPARABILITY_METRICS = ["probe_accuracy", "probe_accuracy_null", "fisher_ratio"]
+"""The per-layer separability rows the separability figure draws (older runs have no ``probe_accuracy_null``)."""
 COSINE_SCALE = "RdBu"
 COLORWAY = [
     "#636efa",
@@ -46,7 +47,8 @@ FIGURES: dict[str, str] = {
     "cosine_layers": "Cosine similarity between the layers' directions within one iteration",
     "drift": "Drift: cosine of each iteration's direction to the previous, first and final one",
     "norms": "Norm of each layer's steering direction (the policy, and what each iteration fitted)",
-    "separability": "Separability of H+ vs H- per layer: held-out probe accuracy and Fisher ratio",
+    "separability": "Separability of H+ vs H- per layer: probe accuracy (cross-validated, grouped by prompt) "
+    "with its label-permuted null, and the held-out Fisher ratio",
 }
 """The figures :func:`build_figures` makes, by file stem, with a one-line description."""
 
@@ -265,19 +267,27 @@ def train_figure(metrics: pd.DataFrame) -> go.Figure:
 
 
 def separability_figure(metrics: pd.DataFrame) -> go.Figure:
-    """Probe accuracy and Fisher ratio of H+ vs H- per layer, one line per iteration.
+    """Probe accuracy (with its null, dashed) and Fisher ratio of H+ vs H- per layer, one colour per iteration.
 
     Uses the ``analysis`` split where the live callback wrote it, else the loop's ``train`` rows.
+    ``probe_accuracy_null`` (the same cross-validation on label-permuted pairs: the chance level
+    this data gives) is drawn as a dashed line in its iteration's colour. Runs written before it
+    existed have no null rows; their accuracy came from one ungrouped split and their Fisher ratio
+    was in-sample, and the title says so.
     """
     rows = metrics[metrics["metric"].isin(SEPARABILITY_METRICS) & metrics["layer"].notna()]
     if (rows["split"] == "analysis").any():
         rows = rows[rows["split"] == "analysis"]
     if rows.empty:
         return _empty("Separability of H+ vs H-", "no separability metrics yet")
-    fig = make_subplots(rows=1, cols=2, subplot_titles=SEPARABILITY_METRICS)
-    for col, metric in enumerate(SEPARABILITY_METRICS, start=1):
+    has_null = bool((rows["metric"] == "probe_accuracy_null").any())
+    panels = ["probe_accuracy", "fisher_ratio"]
+    titles = ["probe accuracy (dashed: null)", "Fisher ratio (held out)"] if has_null else panels
+    iterations = sorted(rows["iteration"].unique())
+    fig = make_subplots(rows=1, cols=2, subplot_titles=titles)
+    for col, metric in enumerate(panels, start=1):
         part = rows[rows["metric"] == metric].sort_values(["iteration", "layer"])
-        for i, (iteration, group) in enumerate(part.groupby("iteration")):
+        for iteration, group in part.groupby("iteration"):
             fig.add_trace(
                 _grouped_line(
                     group["layer"].astype(int),
@@ -285,14 +295,45 @@ def separability_figure(metrics: pd.DataFrame) -> go.Figure:
                     f"iteration {iteration}",
                     f"iteration {iteration}",
                     col == 1,
-                    i,
+                    iterations.index(iteration),
                 ),
                 row=1,
                 col=col,
             )
         fig.update_xaxes(title_text="layer", row=1, col=col)
+    null = rows[rows["metric"] == "probe_accuracy_null"].sort_values(["iteration", "layer"])
+    for iteration, group in null.groupby("iteration"):
+        fig.add_trace(
+            go.Scatter(
+                x=group["layer"].astype(int),
+                y=group["value"],
+                mode="lines",
+                name=f"iteration {iteration} null",
+                legendgroup=f"iteration {iteration}",
+                showlegend=False,
+                line={"color": color(iterations.index(iteration)), "dash": "dash"},
+            ),
+            row=1,
+            col=1,
+        )
+    if has_null:  # one legend entry explains the dashed lines
+        fig.add_trace(
+            go.Scatter(x=[None], y=[None], mode="lines", name="null", line={"color": "#888888", "dash": "dash"}),
+            row=1,
+            col=1,
+        )
     fig.add_hline(y=0.5, line_dash="dot", line_color="#888888", row=1, col=1)
-    fig.update_layout(title="Separability of H+ vs H- per layer (probe accuracy 0.5 = chance)")
+    if has_null:
+        title = (
+            "Separability of H+ vs H- per layer (cross-validated, grouped by prompt; "
+            "null: labels permuted within prompts; 0.5 = chance)"
+        )
+    else:
+        title = (
+            "Separability of H+ vs H- per layer (older run: probe accuracy from one split not grouped by "
+            "prompt, Fisher ratio in sample; 0.5 = chance)"
+        )
+    fig.update_layout(title=title)
     return fig
 
 

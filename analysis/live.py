@@ -60,9 +60,10 @@ class LiveAnalysis:
             fit=result.fitted,
             previous_fit=self._steering(t - 1, "fit"),
         )
-        # the loop already measured separability per layer (same function, inputs and seed): reuse its rows
+        # the loop already measured separability per layer (same function, inputs, prompt groups and seed):
+        # reuse its rows
         for row in result.metrics:
-            if row["split"] == "train" and row["metric"] in ("probe_accuracy", "fisher_ratio"):
+            if row["split"] == "train" and row["metric"] in ("probe_accuracy", "probe_accuracy_null", "fisher_ratio"):
                 rows.append({**row, "iteration": t, "split": "analysis"})
         return rows
 

@@ -2,14 +2,16 @@
 
 The base model is run on (prompt, response) token sequences in left-padded batches with
 ``run_with_cache`` restricted to the requested hook points. Only response tokens count: never the
-prompt, never the padding. Per sample they are reduced to their mean or last token, or kept per
-token (HPR pairs positive and negative tokens position by position). Only the reduced float32
-tensors are kept, never the full cache.
+prompt, never the padding, and (given ``end_ids``) never the end-of-turn token that closes a
+finished response, so a finished and a truncated response are both captured over their content
+tokens alone. Per sample they are reduced to their mean or last token, or kept per token (HPR pairs
+positive and negative tokens position by position). Only the reduced float32 tensors are kept,
+never the full cache.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -37,6 +39,23 @@ def padded_batches(
         yield chunk, ids.to(device), {k: v.to(device) for k, v in padded_forward_kwargs(mask).items()}
 
 
+def captured_length(response_ids: Sequence[int], end_ids: Collection[int]) -> int:
+    """How many leading response tokens are captured: all but the trailing end tokens, at least one.
+
+    The end-of-turn token is left out because only finished responses have one: keeping it would
+    make the mean over tokens depend on whether the response was cut by ``max_new_tokens`` (a length
+    confound), and make the ``last`` reduction read the end token for finished responses but a
+    content token for truncated ones. A response that is *only* end tokens (an empty answer) keeps
+    its first token: every sample must give at least one row (the reductions and the pairing of
+    y+ with y- are per sample), and that token is where the model decided to answer nothing.
+    """
+    ends = {int(t) for t in end_ids}
+    n = len(response_ids)
+    while n > 0 and int(response_ids[n - 1]) in ends:
+        n -= 1
+    return max(n, min(1, len(response_ids)))
+
+
 @torch.no_grad()
 def capture_tokens(
     model: Any,
@@ -45,8 +64,14 @@ def capture_tokens(
     pad_id: int,
     batch_size: int = 16,
     on_batch: Callable[[int], None] | None = None,
+    *,
+    end_ids: Collection[int] = (),
 ) -> list[Float[Tensor, "n_tokens n_hooks d_model"]]:
-    """Per sample, the activations of its response tokens at every hook (float32, on CPU)."""
+    """Per sample, the activations of its response tokens at every hook (float32, on CPU).
+
+    With ``end_ids`` (the loop passes :func:`sims_lens.chat.end_token_ids`), the trailing end tokens
+    of a response are not captured (see :func:`captured_length`); the default keeps every token.
+    """
     if not hooks:
         raise ValueError("capture needs at least one hook point")
     for i, ex in enumerate(exchanges):
@@ -60,8 +85,9 @@ def capture_tokens(
         stacked = torch.stack([cache[h] for h in hooks], dim=2)  # [batch, pos, n_hooks, d_model]
         width = ids.shape[1]
         for row, ex in enumerate(chunk):
-            n_resp = len(ex.response_ids)
-            out.append(stacked[row, width - n_resp :].float().cpu())
+            start = width - len(ex.response_ids)
+            kept = captured_length(ex.response_ids, end_ids)
+            out.append(stacked[row, start : start + kept].float().cpu())
         del cache, stacked
         if on_batch is not None:
             on_batch(len(chunk))
@@ -100,6 +126,8 @@ def capture(
     pad_id: int,
     reduction: str = "mean",
     batch_size: int = 16,
+    *,
+    end_ids: Collection[int] = (),
 ) -> Float[Tensor, "n_samples n_hooks d_model"]:
     """Reduced response-token activations, ``[n_samples, n_hooks, d_model]`` float32."""
-    return reduce_tokens(capture_tokens(model, exchanges, hooks, pad_id, batch_size), reduction)
+    return reduce_tokens(capture_tokens(model, exchanges, hooks, pad_id, batch_size, end_ids=end_ids), reduction)

@@ -2,13 +2,16 @@
 
 Chat-templated text already starts with the model's BOS (``<|im_start|>`` for SmolLM2), so it is
 always encoded with ``add_special_tokens=False``: never a doubled BOS. Prompts are left-padded
-for batched generation; a response's span is exactly the tokens the model generated.
+for batched generation; a response's span is exactly the tokens the model generated, up to and
+including the first end token (:func:`end_token_ids`) when it stopped on its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,19 +67,77 @@ class Exchange:
         return len(self.prompt_ids), len(self.prompt_ids) + len(self.response_ids)
 
 
+TURN_END_TOKENS = ("<|eot_id|>", "<end_of_turn>", "<|end|>")
+"""Turn-end tokens of other chat formats (Llama 3, Gemma, Phi-3), counted only as special tokens."""
+
+
+def end_token_ids(tokenizer: Any) -> list[int]:
+    """Every token that ends a response, sorted: generation stops at any of them.
+
+    EOS; ``<|im_end|>`` when it is in the vocabulary (ChatML, SmolLM2's turn end); ``<|eot_id|>``,
+    ``<end_of_turn>`` and ``<|end|>`` when the tokenizer has them as special tokens; and the
+    ``eos_token_id`` of a ``generation_config.json`` next to the tokenizer when it was loaded from
+    a local folder (a tokenizer does not carry its model's generation config, so a hub tokenizer
+    contributes its tokens only). Only the tokenizer is read, never the model.
+    """
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    if "<|im_end|>" in vocab:
+        ids.add(int(vocab["<|im_end|>"]))
+    special = _special_token_ids(tokenizer)
+    ids.update(special[token] for token in TURN_END_TOKENS if token in special)
+    ids.update(t for t in _generation_config_eos(tokenizer) if 0 <= t < len(tokenizer))
+    return sorted(ids)
+
+
+def _special_token_ids(tokenizer: Any) -> dict[str, int]:
+    """``{token: id}`` of the tokenizer's special tokens (added special tokens and the named ones)."""
+    out = {
+        str(added.content): int(index)
+        for index, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
+        if getattr(added, "special", False)
+    }
+    for token in getattr(tokenizer, "all_special_tokens", ()):
+        if token not in out:
+            index = tokenizer.convert_tokens_to_ids(token)
+            if isinstance(index, int):
+                out[token] = index
+    return out
+
+
+def _generation_config_eos(tokenizer: Any) -> list[int]:
+    """``eos_token_id`` (an id or a list) of ``generation_config.json`` in the tokenizer's local folder."""
+    name = str(getattr(tokenizer, "name_or_path", "") or "")
+    if not name:
+        return []
+    path = Path(name) / "generation_config.json"
+    try:
+        if not path.is_file():
+            return []
+        value = json.loads(path.read_text()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return []
+    values = value if isinstance(value, list) else [value]
+    return [int(v) for v in values if isinstance(v, int) and not isinstance(v, bool)]
+
+
 def split_generated(
-    sequence: Sequence[int], padded_prompt_width: int, prompt_mask: Sequence[int], eos_ids: Sequence[int]
+    sequence: Sequence[int], padded_prompt_width: int, prompt_mask: Sequence[int], eos_ids: Collection[int]
 ) -> Exchange:
     """Split one row of a batched generation into its prompt and response tokens.
 
     ``sequence`` is the row of ``generate``'s output (left padding, prompt, generated tokens and
-    padding after the end). The response runs up to and including the first end token.
+    padding after the end). The response runs up to and including the first end token of any
+    kind in ``eos_ids`` (all of :func:`end_token_ids`); a response cut by ``max_new_tokens`` has none.
     """
+    ends = {int(t) for t in eos_ids}
     prompt = tuple(int(t) for t, m in zip(sequence[:padded_prompt_width], prompt_mask, strict=True) if m)
     response: list[int] = []
     for token in sequence[padded_prompt_width:]:
         response.append(int(token))
-        if int(token) in eos_ids:
+        if int(token) in ends:
             break
     return Exchange(prompt, tuple(response))
 

@@ -26,24 +26,29 @@ DEMO_OVERRIDES = [
 class TablePrinter:
     """Prints one line per iteration: held-out reward of the policy next to the base model's.
 
-    With a reference oracle configured, its held-out mean is shown too (``ref``): the self-judge's
-    rank scores average to zero within a group, so for it the win rate and ``ref`` are the signal.
+    Columns come from the iteration's metric rows. A relative oracle (the self-judge) has no
+    reward mean (its scores sum to zero within a prompt), so ``policy`` and ``base`` show ``-``
+    and the win rate against the base model is the signal; a reference oracle's mean shows as ``ref``.
     """
 
     def __init__(self, oracle: str, reference: str = "") -> None:
         self.oracle = oracle
         self.reference = reference
         self.start = time.perf_counter()
-        self.base = float("nan")
+        self.base: float | None = None
 
     def on_phase(self, iteration: int, phase: str, payload: dict[str, Any]) -> None:
         if phase != "base":
             return
-        base = payload["evaluation"]
-        self.base = base.reward_mean
-        line = f"held-out reward ({self.oracle}); base model pi_0: {self.base:.3f} (perplexity {base.perplexity:.2f})"
-        if base.reference_reward_mean is not None:
-            line += f"; reference {self.reference}: {base.reference_reward_mean:.3f}"
+        values = _heldout(payload["metrics"])
+        self.base = values.get("reward_mean")
+        reward = "relative scores, no mean" if self.base is None else f"{self.base:.3f}"
+        line = (
+            f"held-out reward ({self.oracle}); base model pi_0: {reward} "
+            f"(perplexity {values['perplexity_under_base']:.2f})"
+        )
+        if "reference_reward_mean" in values:
+            line += f"; reference {self.reference}: {values['reference_reward_mean']:.3f}"
         print(line)
         ref = f"  {'ref':>7}" if self.reference else ""
         print(
@@ -53,16 +58,24 @@ class TablePrinter:
         sys.stdout.flush()
 
     def on_iteration(self, result: Any) -> None:
-        values = {(r["metric"], r["split"]): r["value"] for r in result.metrics if r["layer"] is None}
-        ref = values.get(("reference_reward_mean", "heldout"))
-        ref_text = f"  {ref:>7.3f}" if ref is not None else ""
+        values = _heldout(result.metrics)
+        train = {r["metric"]: r["value"] for r in result.metrics if r["split"] == "train" and r["layer"] is None}
+        ref = f"  {_cell(values.get('reference_reward_mean'))}" if self.reference else ""
         print(
-            f"{result.iteration:>4}  {values[('reward_mean', 'heldout')]:>7.3f}  {self.base:>7.3f}{ref_text}  "
-            f"{values[('win_rate_vs_base', 'heldout')]:>8.2f}  {values[('perplexity_under_base', 'heldout')]:>6.2f}  "
-            f"{values[('response_length', 'heldout')]:>5.1f}  {int(values[('pairs', 'train')]):>5}  "
-            f"{int(values[('dropped_prompts', 'train')]):>7}  {time.perf_counter() - self.start:>5.0f}s"
+            f"{result.iteration:>4}  {_cell(values.get('reward_mean'))}  {_cell(self.base)}{ref}  "
+            f"{values['win_rate_vs_base']:>8.2f}  {values['perplexity_under_base']:>6.2f}  "
+            f"{values['response_length']:>5.1f}  {int(train['pairs']):>5}  "
+            f"{int(train['dropped_prompts']):>7}  {time.perf_counter() - self.start:>5.0f}s"
         )
         sys.stdout.flush()
+
+
+def _heldout(rows: list[dict[str, Any]]) -> dict[str, float]:
+    return {r["metric"]: r["value"] for r in rows if r["split"] == "heldout" and r["layer"] is None}
+
+
+def _cell(value: float | None) -> str:
+    return f"{value:>7.3f}" if value is not None else f"{'-':>7}"
 
 
 def run_command(args: argparse.Namespace, overrides: list[str] | None = None) -> int:

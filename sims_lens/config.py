@@ -67,6 +67,10 @@ class SimsConfig:
     update: str = "accumulate"
     update_rate: float | None = None
     contrast_sampling: bool = False
+    prompt_pool: int = 0
+    """How many training prompts the iterations cycle through; 0 = automatic: every iteration draws
+    N fresh prompts from all training prompts, except under contrast sampling, where the same N
+    prompts come back every iteration (a prompt must recur for pairs across policies)."""
     seed: int = 0
     positions: str = "all"
     reduction: str = "mean"
@@ -132,6 +136,12 @@ class SimsConfig:
         )
         _check(self.reduction in REDUCTIONS, "reduction", self.reduction, f"one of {list(REDUCTIONS)}")
         _check(self.margin >= 0, "margin", self.margin, "a number >= 0")
+        _check(
+            self.prompt_pool == 0 or self.prompt_pool >= self.prompts_per_iteration,
+            "prompt_pool",
+            self.prompt_pool,
+            "0 (automatic) or a number of prompts >= prompts_per_iteration",
+        )
         _check(self.multiplier != 0, "multiplier", self.multiplier, "a non-zero number")
         _check(self.hook in HOOK_SUFFIXES, "hook", self.hook, f"one of {list(HOOK_SUFFIXES)}")
         try:
@@ -139,6 +149,13 @@ class SimsConfig:
         except ValueError as err:
             raise ConfigError(f"positions: {err}") from None
         self.layers = parse_layers(self.layers)
+
+    @property
+    def pool_size(self) -> int | None:
+        """The size of the prompt pool iterations cycle through (None: fresh draws from all prompts)."""
+        if self.prompt_pool:
+            return self.prompt_pool
+        return self.prompts_per_iteration if self.contrast_sampling else None
 
     @property
     def rate(self) -> float:

@@ -7,7 +7,7 @@ difference of the response-token activations (CAA) at one residual-stream layer.
 from __future__ import annotations
 
 from sims_lens.capture import capture
-from sims_lens.chat import Exchange, encode_chat, response_ids_for_text
+from sims_lens.chat import Exchange, encode_chat, end_token_ids, response_ids_for_text
 from sims_lens.generation import GenerationSettings, generate
 from sims_lens.models import load_model
 from sims_lens.steering.functions import SteeringSet
@@ -66,8 +66,9 @@ def steering_demo(
             for p, *pair in CONTRAST
         ]
 
-    pos = capture(model, exchanges(0), [hook], tokenizer.pad_token_id)[:, 0]
-    neg = capture(model, exchanges(1), [hook], tokenizer.pad_token_id)[:, 0]
+    ends = end_token_ids(tokenizer)  # as in the loop: the end-of-turn token is not part of the response
+    pos = capture(model, exchanges(0), [hook], tokenizer.pad_token_id, end_ids=ends)[:, 0]
+    neg = capture(model, exchanges(1), [hook], tokenizer.pad_token_id, end_ids=ends)[:, 0]
     vector = make_learner("mean_diff").fit(pos, neg, hook)
     steering = SteeringSet.from_functions([vector.scaled(multiplier)])
     settings = GenerationSettings(max_new_tokens=max_new_tokens)

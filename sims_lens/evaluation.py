@@ -2,7 +2,8 @@
 
 The same held-out prompts are sampled with the same seed under pi_0 and pi_t, so reward
 differences are paired. Fluency cost is the perplexity of the policy's responses under the
-*base* model (steered text that degrades into word salad gets a high perplexity).
+*base* model (steered text that degrades into word salad gets a high perplexity), weighted by
+tokens: every scored response token counts once, however long its response.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Evaluation:
     exchanges: list[Exchange]
     rewards: list[float]
     nll: list[float]
+    """Per response, the mean NLL of its tokens under the base model (:func:`response_nll`)."""
     reference_rewards: list[float] | None = None
     """Scores of a second (reference) oracle, when one is configured."""
 
@@ -53,7 +55,18 @@ class Evaluation:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(sum(self.nll) / len(self.nll))
+        """Token-weighted perplexity: ``exp(sum_i nll_i * n_i / sum_i n_i)``.
+
+        ``n_i`` is the number of tokens :func:`response_nll` scored in response i (all of its
+        ``response_ids``, the end token included), so this is the exponent of the mean NLL over all
+        response tokens pooled, not of the mean of per-response means (which would let a short
+        response weigh as much as a long one). Responses with no tokens are skipped.
+        """
+        pairs = [(nll, len(ex.response_ids)) for nll, ex in zip(self.nll, self.exchanges, strict=True)]
+        total = sum(n for _, n in pairs if n > 0)
+        if total == 0:
+            raise ValueError("perplexity needs at least one response token")
+        return math.exp(sum(nll * n for nll, n in pairs if n > 0) / total)
 
     @property
     def response_length(self) -> float:
@@ -62,7 +75,12 @@ class Evaluation:
 
 @torch.no_grad()
 def response_nll(model: Any, exchanges: Sequence[Exchange], pad_id: int, batch_size: int = 16) -> list[float]:
-    """Mean negative log-likelihood per response token under ``model`` (call it unsteered)."""
+    """Per response, the mean negative log-likelihood of its tokens under ``model`` (call it unsteered).
+
+    Every token of ``response_ids`` is scored, the end token included when the response has one:
+    the model's choice to stop is part of fluency. So ``len(response_ids)`` tokens are scored, the
+    weight :attr:`Evaluation.perplexity` gives each response.
+    """
     device = next(model.parameters()).device
     out: list[float] = []
     for chunk, ids, kwargs in padded_batches(exchanges, pad_id, batch_size, device):

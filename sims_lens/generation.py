@@ -3,6 +3,10 @@
 The current policy is the model plus the steering hooks attached around the call, so the same
 function samples from pi_0 (no hooks) and pi_t (``with apply_steering(...)``). Positions are
 tracked so that position-aware steering never touches left padding.
+
+A row stops at the first of *any* of its end tokens (:func:`sims_lens.chat.end_token_ids`: EOS,
+the chat turn end and the others the tokenizer knows), which TransformerBridge 4.3's ``generate``
+takes as a list (``eos_token_id=[...]``); the response span runs up to and including that token.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 
 import torch
 
-from sims_lens.chat import Exchange, encode_chat, left_pad, split_generated
+from sims_lens.chat import Exchange, encode_chat, end_token_ids, left_pad, split_generated
 from sims_lens.seeds import derive_seed
 from sims_lens.steering.positions import track_positions
 
@@ -39,15 +43,6 @@ class GenerationSettings:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
-def end_token_ids(tokenizer: Any) -> list[int]:
-    """Tokens that end a response: EOS, and the chat turn end where it differs."""
-    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
-    if im_end is not None:
-        ids.add(int(im_end))
-    return sorted(ids)
-
-
 @torch.no_grad()
 def generate_ids(
     model: Any,
@@ -57,9 +52,13 @@ def generate_ids(
     seed: int | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[Exchange]:
-    """Generate one response per prompt (token ids in, exchanges out), in left-padded batches."""
+    """Generate one response per prompt (token ids in, exchanges out), in left-padded batches.
+
+    Each row stops at the first token of :func:`~sims_lens.chat.end_token_ids` (all of them, not
+    just EOS) or after ``max_new_tokens``; finished rows of a batch are padded until the rest end.
+    """
     eos = end_token_ids(tokenizer)
-    pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0])
+    pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0))
     device = next(model.parameters()).device
     out: list[Exchange] = []
     for start in range(0, len(prompts), settings.batch_size):
@@ -76,8 +75,8 @@ def generate_ids(
                     do_sample=settings.temperature > 0,
                     temperature=settings.temperature if settings.temperature > 0 else 1.0,
                     top_p=settings.top_p if settings.temperature > 0 and settings.top_p < 1 else None,
-                    eos_token_id=eos[0],
-                    stop_at_eos=True,
+                    eos_token_id=eos or None,  # a list: TransformerBridge stops a row at any of them
+                    stop_at_eos=bool(eos),
                     use_past_kv_cache=settings.use_kv_cache,
                     return_type="tokens",
                     verbose=False,

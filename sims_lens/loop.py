@@ -14,7 +14,6 @@ iterations, and :attr:`Sims.state` is its only owner.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -24,15 +23,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sims_lens.capture import capture_tokens, pair_tokens, reduce_tokens
-from sims_lens.chat import Exchange, encode_chat
+from sims_lens.chat import Exchange, encode_chat, end_token_ids
 from sims_lens.config import SimsConfig, resolve_layers
 from sims_lens.contrast import MemoryBank, Sample, Selection, label_samples, select_pairs
 from sims_lens.evaluation import Evaluation, evaluate, head_to_head, heldout_seed
 from sims_lens.generation import GenerationSettings, decode_response, generate_ids
 from sims_lens.groups import chunked
 from sims_lens.metrics import MetricRow, batch_rows, heldout_rows, layer_rows
-from sims_lens.oracles.base import judges_with_policy
-from sims_lens.prompts import Prompt, sample_batch
+from sims_lens.oracles.base import is_relative, judges_with_policy
+from sims_lens.prompts import Prompt, iteration_prompts
 from sims_lens.seeds import derive_seed
 from sims_lens.separability import probe_accuracy
 from sims_lens.steering.functions import SteeringSet
@@ -48,8 +47,8 @@ class NotSeparableError(RuntimeError):
 class Callback(Protocol):
     """Receives the loop's progress; both methods are optional to implement meaningfully.
 
-    Phases: ``base`` (payload ``evaluation``, ``fresh``: whether it was computed now), ``sample``,
-    ``select``, ``capture``, ``fit``.
+    Phases: ``base`` (payload ``evaluation``, ``fresh``: whether it was computed now, ``metrics``:
+    its held-out rows), ``sample``, ``select``, ``capture``, ``fit``.
     """
 
     def on_phase(self, iteration: int, phase: str, payload: dict[str, Any]) -> None: ...
@@ -140,7 +139,8 @@ class Sims:
         fresh = self.state.base_heldout is None
         if self.state.base_heldout is None:
             self.state.base_heldout = self.evaluate(None)
-        self._phase(0, "base", evaluation=self.state.base_heldout, fresh=fresh)
+        rows = heldout_rows(0, self.state.base_heldout, None, **self._relative)
+        self._phase(0, "base", evaluation=self.state.base_heldout, fresh=fresh, metrics=rows)
         if self.state.layers is None:
             self.state.layers = resolve_layers(self.config.layers, self.n_layers) or self.choose_layers()
 
@@ -149,6 +149,8 @@ class Sims:
         batch = self._collected.pop(iteration, None) or self.collect(iteration, self.hooks)  # steps 1-5
         fitted = self.fit(iteration, batch)  # step 6
         policy = apply_update(self.state.policy, fitted, self.config.update, self.config.rate)  # step 7
+        if self.state.bank is not None:  # contrast sampling: these pairs have entered the policy
+            self.state.bank.mark_used(batch.selection.pairs)
         self._phase(iteration, "fit", fitted=fitted, policy=policy)
         heldout = self.evaluate(policy)
         assert self.state.base_heldout is not None
@@ -157,17 +159,18 @@ class Sims:
         )
         positives, negatives = reduce_tokens(batch.positives, "mean"), reduce_tokens(batch.negatives, "mean")
         metrics = [
-            *batch_rows(iteration, batch.samples, batch.selection),
+            *batch_rows(iteration, batch.samples, batch.selection, relative=self._relative["relative"]),
             *layer_rows(
                 iteration,
                 hooks=batch.hooks,
                 positives=positives,
                 negatives=negatives,
+                groups=[pair.positive.prompt_id for pair in batch.selection.pairs],
                 fitted=fitted,
                 policy=policy,
                 seed=self.config.seed,
             ),
-            *heldout_rows(iteration, heldout, wins),
+            *heldout_rows(iteration, heldout, wins, **self._relative),
         ]
         self.state.policy, self.state.completed = policy, iteration
         result = IterationResult(
@@ -201,9 +204,9 @@ class Sims:
 
     # -- the steps ----------------------------------------------------------------------------
     def prompts(self, iteration: int) -> list[Prompt]:
-        """Step 1: N training prompts, drawn afresh for every iteration."""
-        rng = random.Random(derive_seed(self.config.seed, "prompts", iteration))
-        return sample_batch(self.train_prompts, self.config.prompts_per_iteration, rng)
+        """Step 1: N training prompts: drawn afresh, or a recurring pool's turn (contrast sampling)."""
+        c = self.config
+        return iteration_prompts(self.train_prompts, c.prompts_per_iteration, iteration, c.seed, c.pool_size)
 
     def sample(self, iteration: int, prompts: Sequence[Prompt]) -> list[Exchange]:
         """Step 2: K responses per prompt from the current policy pi_{t-1} (prompt-major)."""
@@ -240,6 +243,7 @@ class Sims:
                 exchanges[i * k + j],
                 float(scores[i][j]),
                 reference_reward=None if reference is None else float(reference[i][j]),
+                index=j,
             )
             for i, p in enumerate(prompts)
             for j in range(k)
@@ -268,12 +272,13 @@ class Sims:
     def capture(self, iteration: int, selection: Selection, hooks: list[str]) -> tuple[list[Tensor], list[Tensor]]:
         """Step 5: the *base* model's response-token activations of D+ and D- (never steered)."""
         pad, size = int(self.tokenizer.pad_token_id), self.config.batch_size
+        ends = end_token_ids(self.tokenizer)  # an end-of-turn token is never part of a response's span
         with self._bar(2 * len(selection.pairs), f"iter {iteration}: capture") as bar:
             positives = capture_tokens(
-                self.model, [p.positive.exchange for p in selection.pairs], hooks, pad, size, bar.update
+                self.model, [p.positive.exchange for p in selection.pairs], hooks, pad, size, bar.update, end_ids=ends
             )
             negatives = capture_tokens(
-                self.model, [p.negative.exchange for p in selection.pairs], hooks, pad, size, bar.update
+                self.model, [p.negative.exchange for p in selection.pairs], hooks, pad, size, bar.update, end_ids=ends
             )
         return positives, negatives
 
@@ -316,7 +321,7 @@ class Sims:
         )
 
     def choose_layers(self) -> list[int]:
-        """``layers = "top:K"``: the K layers whose D+ and D- a held-out probe separates best.
+        """``layers = "top:K"``: the K layers whose D+ and D- a probe separates best, cross-validated by prompt.
 
         Chosen before the loop from iteration 1's batch captured at every layer (the policy of
         iteration 1 is the base model, so this is exactly the batch iteration 1 uses; it is kept).
@@ -325,12 +330,23 @@ class Sims:
         everything = list(range(self.n_layers))
         batch = self.collect(1, self.config.hook_names(everything))
         pos, neg = reduce_tokens(batch.positives, "mean"), reduce_tokens(batch.negatives, "mean")
-        accuracy = [probe_accuracy(pos[:, layer], neg[:, layer], seed=self.config.seed) for layer in everything]
+        groups = [pair.positive.prompt_id for pair in batch.selection.pairs]
+        if len(set(groups)) < 2:
+            raise NotSeparableError(
+                f"layers = {self.config.layers!r} needs pairs from at least 2 prompts to cross-validate probes; the "
+                f"oracle separated {len(set(groups))}. Raise 'prompts_per_iteration' or list the layers instead"
+            )
+        accuracy = [probe_accuracy(pos[:, layer], neg[:, layer], groups, seed=self.config.seed) for layer in everything]
         layers = sorted(sorted(everything, key=lambda layer: (-accuracy[layer], layer))[:k])
         self._collected[1] = batch.at_layers(layers, self.config.hook_names(layers))
         return layers
 
     # -- helpers ------------------------------------------------------------------------------
+    @property
+    def _relative(self) -> dict[str, bool]:
+        """Whether the oracle's (and the reference oracle's) scores only compare within a group."""
+        return {"relative": is_relative(self.oracle), "relative_reference": is_relative(self.reference)}
+
     @property
     def n_layers(self) -> int:
         return int(self.model.cfg.n_layers)

@@ -7,6 +7,7 @@ trains on; iteration 0 is the base model) and ``analysis`` (written by the analy
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,12 +17,13 @@ from torch import Tensor
 from sims_lens.contrast import Sample, Selection, group_by_prompt
 from sims_lens.evaluation import Evaluation
 from sims_lens.oracles.base import agreement
-from sims_lens.separability import fisher_ratio, probe_accuracy
+from sims_lens.separability import Separability, separability
 from sims_lens.steering.functions import SteeringSet, layer_of
 
 METRIC_COLUMNS = ["iteration", "split", "metric", "layer", "value"]
 HELDOUT_METRICS = ["reward_mean", "win_rate_vs_base", "perplexity_under_base", "response_length"]
-"""The held-out metrics of every iteration (``reference_reward_mean`` joins them with a reference oracle)."""
+"""The held-out metrics of every iteration (``reference_reward_mean`` joins them with a reference oracle,
+``bt_strength_vs_base`` goes with the win rate; a relative oracle has no ``reward_mean``)."""
 
 MetricRow = dict[str, Any]
 """One tidy row: iteration, split, metric, layer (None where it does not apply), value."""
@@ -31,30 +33,65 @@ def metric_row(iteration: int, split: str, metric: str, value: float, layer: int
     return {"iteration": iteration, "split": split, "metric": metric, "layer": layer, "value": float(value)}
 
 
-def heldout_rows(iteration: int, evaluation: Evaluation, win_rate_vs_base: float | None) -> list[MetricRow]:
-    """Held-out rows; ``win_rate_vs_base`` is None for the base model itself (iteration 0)."""
+def heldout_rows(
+    iteration: int,
+    evaluation: Evaluation,
+    win_rate_vs_base: float | None,
+    *,
+    relative: bool = False,
+    relative_reference: bool = False,
+) -> list[MetricRow]:
+    """Held-out rows; ``win_rate_vs_base`` is None for the base model itself (iteration 0).
+
+    A relative oracle's scores sum to a constant within each prompt's group, so their mean says
+    nothing (``relative``): then only the head-to-head win rate against the base model and its
+    Bradley-Terry strength are reported, never ``reward_mean``. Likewise ``reference_reward_mean``
+    is left out for a relative reference oracle.
+    """
     rows = [
-        metric_row(iteration, "heldout", "reward_mean", evaluation.reward_mean),
         metric_row(iteration, "heldout", "perplexity_under_base", evaluation.perplexity),
         metric_row(iteration, "heldout", "response_length", evaluation.response_length),
     ]
-    if evaluation.reference_reward_mean is not None:
+    if not relative:
+        rows.insert(0, metric_row(iteration, "heldout", "reward_mean", evaluation.reward_mean))
+    if evaluation.reference_reward_mean is not None and not relative_reference:
         rows.append(metric_row(iteration, "heldout", "reference_reward_mean", evaluation.reference_reward_mean))
     if win_rate_vs_base is not None:
         rows.append(metric_row(iteration, "heldout", "win_rate_vs_base", win_rate_vs_base))
+        strength = bradley_terry_strength(win_rate_vs_base, len(evaluation.rewards))
+        rows.append(metric_row(iteration, "heldout", "bt_strength_vs_base", strength))
     return rows
 
 
-def batch_rows(iteration: int, samples: Sequence[Sample], selection: Selection) -> list[MetricRow]:
-    """The training batch: mean reward, mean pair margin, pairs kept and prompts dropped, oracle agreement."""
-    rewards = [s.reward for s in samples]
+def bradley_terry_strength(win_rate: float, comparisons: int) -> float:
+    """The policy's Bradley-Terry log-strength over the base model from a paired win rate.
+
+    With p = P(policy beats base) = sigmoid(s_policy - s_base) and s_base = 0, s = log(p / (1 - p)),
+    estimated with half a win added to each side (so 0 or 1 win rates stay finite): 0 means level
+    with the base model, +1 means it wins about 73% of comparisons.
+    """
+    wins = win_rate * comparisons
+    return math.log((wins + 0.5) / (comparisons - wins + 0.5))
+
+
+def batch_rows(
+    iteration: int, samples: Sequence[Sample], selection: Selection, *, relative: bool = False
+) -> list[MetricRow]:
+    """The training batch: mean reward (absolute oracles only), pair margins, pairs kept and dropped.
+
+    ``cross_iteration_pairs`` counts pairs whose sides different policies sampled (contrast
+    sampling); ``oracle_agreement`` is logged when a reference oracle scored the samples too.
+    """
     margins = [p.margin for p in selection.pairs]
     rows = [
-        metric_row(iteration, "train", "reward_mean", sum(rewards) / len(rewards)),
         metric_row(iteration, "train", "pair_margin_mean", sum(margins) / len(margins)),
         metric_row(iteration, "train", "pairs", len(selection.pairs)),
+        metric_row(iteration, "train", "cross_iteration_pairs", sum(p.cross_iteration for p in selection.pairs)),
         metric_row(iteration, "train", "dropped_prompts", selection.dropped_prompts),
     ]
+    if not relative:
+        rewards = [s.reward for s in samples]
+        rows.insert(0, metric_row(iteration, "train", "reward_mean", sum(rewards) / len(rewards)))
     if samples and samples[0].reference_reward is not None:
         groups = list(group_by_prompt(samples).values())
         scores = [[s.reward for s in g] for g in groups]
@@ -69,21 +106,31 @@ def layer_rows(
     hooks: Sequence[str],
     positives: Tensor,
     negatives: Tensor,
+    groups: Sequence[str] | None,
     fitted: SteeringSet,
     policy: SteeringSet,
     seed: int,
 ) -> list[MetricRow]:
-    """Per steered layer: the norms of the new fit and of the policy, and how separable H+ and H- are."""
+    """Per steered layer: the norms of the new fit and of the policy, and how separable H+ and H- are.
+
+    ``groups[i]`` is the prompt of pair ``i``: separability (``probe_accuracy``, its permutation
+    null ``probe_accuracy_null`` and ``fisher_ratio``) is cross-validated over folds of prompts
+    (:func:`sims_lens.separability.separability`). With every pair from one prompt
+    (``pairs_per_prompt`` > 1) nothing can be held out, and the three are NaN.
+    """
     fit_norms, policy_norms = fitted.norms(), policy.norms()
+    measurable = groups is None or len(set(groups)) >= 2
+    unmeasured = Separability(probe_accuracy=math.nan, probe_accuracy_null=math.nan, fisher_ratio=math.nan)
     rows = []
     for i, hook in enumerate(hooks):
         layer = layer_of(hook)
-        pos, neg = positives[:, i], negatives[:, i]
+        measured = separability(positives[:, i], negatives[:, i], groups, seed=seed) if measurable else unmeasured
         rows += [
             metric_row(iteration, "train", "fit_norm", fit_norms[hook], layer),
             metric_row(iteration, "train", "policy_norm", policy_norms[hook], layer),
-            metric_row(iteration, "train", "probe_accuracy", probe_accuracy(pos, neg, seed=seed), layer),
-            metric_row(iteration, "train", "fisher_ratio", fisher_ratio(pos, neg), layer),
+            metric_row(iteration, "train", "probe_accuracy", measured.probe_accuracy, layer),
+            metric_row(iteration, "train", "probe_accuracy_null", measured.probe_accuracy_null, layer),
+            metric_row(iteration, "train", "fisher_ratio", measured.fisher_ratio, layer),
         ]
     return rows
 

@@ -23,6 +23,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from sims_lens.seeds import derive_seed
+
 BUILTIN = "builtin"
 """The source name of the built-in prompt set (``None`` means the same)."""
 SPLITS = ("train", "heldout")
@@ -100,6 +102,24 @@ def sample_batch(prompts: Sequence[Prompt], n: int, rng: random.Random) -> list[
     if not prompts:
         raise ValueError("cannot sample from an empty prompt list")
     return rng.sample(list(prompts), min(n, len(prompts)))
+
+
+def iteration_prompts(
+    prompts: Sequence[Prompt], n: int, iteration: int, seed: int, pool_size: int | None = None
+) -> list[Prompt]:
+    """Iteration ``iteration``'s N training prompts (ARCHITECTURE.md, "The method", step 1).
+
+    ``pool_size`` None: N prompts drawn afresh from all of ``prompts``. Otherwise a fixed pool of
+    ``pool_size`` prompts (drawn once per seed) is revisited in rotation, N at a time, so each
+    prompt comes back every ``pool_size / N`` iterations (every iteration when they are equal).
+    """
+    if pool_size is None:
+        return sample_batch(prompts, n, random.Random(derive_seed(seed, "prompts", iteration)))
+    if pool_size > len(prompts):
+        raise ValueError(f"prompt_pool = {pool_size} but there are only {len(prompts)} training prompts")
+    pool = sample_batch(prompts, pool_size, random.Random(derive_seed(seed, "prompt_pool")))
+    start = ((iteration - 1) * n) % len(pool)
+    return [pool[(start + i) % len(pool)] for i in range(min(n, len(pool)))]
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

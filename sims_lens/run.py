@@ -13,9 +13,8 @@ from typing import Any
 
 from sims_lens.chat import Exchange, encode_chat
 from sims_lens.config import SimsConfig, resolve_layers
-from sims_lens.contrast import MemoryBank, Sample
+from sims_lens.contrast import MemoryBank, PairKey, Sample
 from sims_lens.loop import Callback, IterationResult, LoopState, Sims
-from sims_lens.metrics import heldout_rows
 from sims_lens.run_folder import RunFolder
 from sims_lens.steering.functions import layer_of
 
@@ -31,13 +30,14 @@ class RunWriter:
         if phase == "base" and payload.get("fresh"):
             # nothing can be finished without the base evaluation: the records start afresh
             self.folder.truncate_after(-1)
-            self.folder.append_metrics(heldout_rows(0, payload["evaluation"], None))
+            self.folder.append_metrics(payload["metrics"])
             self.folder.save_base(payload["evaluation"])
 
     def on_iteration(self, result: IterationResult) -> None:
         self.folder.save_steering(result.policy, result.iteration, "policy", self.model)
         self.folder.save_steering(result.fitted, result.iteration, "fit", self.model)
         self.folder.append_samples([s.to_record() for s in result.samples])
+        self.folder.append_pairs([p.to_record(result.iteration) for p in result.selection.pairs])
         self.folder.append_metrics(result.metrics)
         self.folder.finish_iteration(
             result.iteration, [layer for h in result.hooks if (layer := layer_of(h)) is not None]
@@ -52,7 +52,14 @@ def restore_state(folder: RunFolder, sims: Sims) -> LoopState:
         state.policy = folder.load_steering(done, "policy", sims.model)
     if sims.config.contrast_sampling:
         state.bank = MemoryBank(sims.config.contrast.bank_size)
-        state.bank.add([_sample_from_record(r, sims.tokenizer) for r in folder.read_samples()])
+        records = folder.read_samples()
+        if records and "index" not in records[0]:  # written before samples carried their index
+            seen: dict[tuple[int, str], int] = {}
+            for record in records:
+                where = (record["iteration"], record["prompt_id"])
+                record["index"] = seen[where] = seen.get(where, -1) + 1
+        state.bank.add([_sample_from_record(r, sims.tokenizer) for r in records])
+        state.bank.mark_used(_pair_key(r) for r in folder.read_pairs())
     return state
 
 
@@ -66,7 +73,14 @@ def _sample_from_record(record: dict[str, Any], tokenizer: Any) -> Sample:
         exchange,
         float(record["reward"]),
         record.get("label", ""),
+        record.get("reference_reward"),
+        int(record["index"]),
     )
+
+
+def _pair_key(record: dict[str, Any]) -> PairKey:
+    pid, pos, neg = record["prompt_id"], record["positive"], record["negative"]
+    return ((int(pos["iteration"]), pid, int(pos["index"])), (int(neg["iteration"]), pid, int(neg["index"])))
 
 
 def sims_from_config(
@@ -78,7 +92,7 @@ def sims_from_config(
 ) -> Sims:
     """Load the model, prompts, oracle and learner a configuration names."""
     from sims_lens.models import load_model
-    from sims_lens.oracles import make_oracle
+    from sims_lens.oracles import is_relative, make_oracle
     from sims_lens.prompts import load_prompts
     from sims_lens.steering.learners import make_learner
 
@@ -94,12 +108,15 @@ def sims_from_config(
         model, tokenizer = load_model(config.model, dtype=config.dtype)
     resolve_layers(config.layers, int(model.cfg.n_layers))  # an unknown layer fails here, before any work
     oracle = make_oracle(config.oracle, config.oracle_settings(), model=model, tokenizer=tokenizer)
-    if config.contrast_sampling and getattr(oracle, "relative", False):
+    if config.contrast_sampling and is_relative(oracle):
         raise ValueError(
-            f"contrast_sampling needs rewards that compare across prompts and iterations, but {config.oracle!r} only "
-            "ranks the responses of one prompt; turn contrast_sampling off or use an absolute oracle "
-            "(lexicon_sentiment, reward_model, embedding_similarity)"
+            f"contrast_sampling compares rewards across iterations, but the oracle {config.oracle!r} only ranks the "
+            "responses of one prompt against each other (relative scores); turn contrast_sampling off or use an "
+            "absolute oracle (lexicon_sentiment, reward_model, embedding_similarity, or a composite of them with "
+            "normalize = 'none')"
         )
+    if config.pool_size is not None and config.pool_size > len(train):
+        raise ValueError(f"prompt_pool = {config.pool_size} but there are only {len(train)} training prompts")
     reference = None
     if config.reference_oracle:
         reference = make_oracle(

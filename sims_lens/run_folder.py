@@ -4,8 +4,10 @@ Layout (ARCHITECTURE.md, "The run folder")::
 
     RUN/config.toml                  the resolved configuration
     RUN/state.json                   finished iterations and the steered layers; written last
-    RUN/samples.jsonl                one object per sampled response (iteration, prompt_id, prompt,
-                                     response, reward, label in "+", "-", "")
+    RUN/samples.jsonl                one object per sampled response (iteration, prompt_id, index,
+                                     prompt, response, reward, label in "+", "-", "")
+    RUN/pairs.jsonl                  one object per D+/D- pair used in an update: update, prompt_id,
+                                     positive / negative (iteration, index, reward), margin
     RUN/heldout_base.jsonl           the base model's held-out responses and scores (iteration 0)
     RUN/metrics.csv                  tidy: iteration, split, metric, layer, value
     RUN/analysis_metrics.csv         the analysis callbacks' rows, same columns
@@ -44,6 +46,7 @@ from sims_lens.steering.io import load_steering, save_steering
 CONFIG = "config.toml"
 STATE = "state.json"
 SAMPLES = "samples.jsonl"
+PAIRS = "pairs.jsonl"
 BASE_HELDOUT = "heldout_base.jsonl"
 METRICS = "metrics.csv"
 ANALYSIS_METRICS = "analysis_metrics.csv"
@@ -79,6 +82,10 @@ class RunFolder:
     @property
     def samples_path(self) -> Path:
         return self.path / SAMPLES
+
+    @property
+    def pairs_path(self) -> Path:
+        return self.path / PAIRS
 
     @property
     def metrics_path(self) -> Path:
@@ -162,6 +169,12 @@ class RunFolder:
 
     def read_samples(self) -> list[dict[str, Any]]:
         return _read_jsonl(self.samples_path)
+
+    def append_pairs(self, records: Sequence[dict[str, Any]]) -> None:
+        _append_jsonl(self.pairs_path, records)
+
+    def read_pairs(self) -> list[dict[str, Any]]:
+        return _read_jsonl(self.pairs_path)
 
     def append_metrics(self, rows: Sequence[MetricRow]) -> None:
         new = not self.metrics_path.is_file()
@@ -261,15 +274,16 @@ class RunFolder:
 
         A line torn by a crash can only belong to the unfinished iteration, so unreadable lines go too.
         """
-        kept = []
-        for line in self.samples_path.read_text().splitlines() if self.samples_path.is_file() else []:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record["iteration"] <= iteration:
-                kept.append(record)
-        _write_atomic(self.samples_path, "".join(json.dumps(r) + "\n" for r in kept))
+        for path, key in ((self.samples_path, "iteration"), (self.pairs_path, "update")):
+            kept = []
+            for line in path.read_text().splitlines() if path.is_file() else []:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record[key] <= iteration:
+                    kept.append(record)
+            _write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
         if self.metrics_path.is_file():
             with self.metrics_path.open() as fh:
                 rows = [r for r in csv.DictReader(fh) if int(r["iteration"]) <= iteration]

@@ -1,70 +1,215 @@
-"""How separable H+ and H- are at one hook: held-out probe accuracy and Fisher's ratio.
+"""How separable H+ and H- are at one hook: cross-validated probe accuracy, its null, Fisher's ratio.
 
 The one home of these measures: the loop ranks layers by :func:`probe_accuracy` (``layers =
-"top:K"``) and logs both per layer; ``analysis.separability`` tabulates them.
+"top:K"``) and logs :func:`separability` per layer; ``analysis.separability`` tabulates them.
+
+Every measure is cross-validated over folds of *prompts*. ``pos[i]`` and ``neg[i]`` are the two
+responses of one pair, and ``groups[i]`` names its prompt: all rows of a prompt go to the same
+fold (:func:`pair_folds`), so what is scored is always a prompt the probe or direction never saw.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from jaxtyping import Float
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import GroupKFold
 from torch import Tensor
 
+from sims_lens.seeds import derive_seed
 from sims_lens.steering.learners.base import check_activations, unit
 from sims_lens.steering.learners.mean_diff import mean_difference
 from sims_lens.steering.learners.probe import fit_logistic
 
+Groups = Sequence[Hashable] | None
+"""``groups[i]``: the prompt (any hashable id) of pair ``i``; ``None``: every pair is its own group."""
+
+Folds = list[tuple[np.ndarray, np.ndarray]]
+"""``(train, test)`` arrays of pair indices, one entry per fold."""
+
+
+@dataclass(frozen=True)
+class Separability:
+    """The three separability measures of one hook, computed on the same prompt-grouped folds."""
+
+    probe_accuracy: float
+    """Cross-validated accuracy of a logistic probe (pooled over all held-out rows)."""
+    probe_accuracy_null: float
+    """The same on label-permuted data (pairs' + and - swapped per prompt at random): the chance level."""
+    fisher_ratio: float
+    """Fisher's criterion of the held-out rows along the training folds' mean difference."""
+
+
+def pair_folds(groups: Groups, n_pairs: int, *, folds: int = 5, seed: int = 0, name: str = "separability") -> Folds:
+    """K-fold split of ``n_pairs`` pairs in which all pairs of a group (prompt) share one fold.
+
+    The group labels are first renamed by a permutation drawn from ``derive_seed(seed, "folds")``
+    (so which prompts share a fold changes with the seed, reproducibly), then split by
+    scikit-learn's ``GroupKFold`` into ``min(folds, number of groups)`` folds of balanced size (in
+    rows). Every group holds as many pos as neg rows, so every fold is class-balanced. Needs pairs
+    from at least 2 groups.
+    """
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ValueError(f"{name}: folds must be an integer >= 2, got {folds!r}")
+    codes = _group_codes(groups, n_pairs, name)
+    n_groups = int(codes.max()) + 1
+    if n_groups < 2:
+        raise ValueError(f"{name}: needs pairs from at least 2 groups (prompts) to hold one out, got {n_groups} group")
+    relabel = np.random.default_rng(derive_seed(seed, "folds")).permutation(n_groups)
+    splitter = GroupKFold(n_splits=min(folds, n_groups))
+    return [(train, test) for train, test in splitter.split(np.zeros(n_pairs), groups=relabel[codes])]
+
 
 def probe_accuracy(
-    pos: Float[Tensor, "n_pos d"],
-    neg: Float[Tensor, "n_neg d"],
+    pos: Float[Tensor, "n d"],
+    neg: Float[Tensor, "n d"],
+    groups: Groups = None,
     *,
-    test_fraction: float = 0.3,
+    folds: int = 5,
     seed: int = 0,
     l2: float = 1e-2,
 ) -> float:
-    """Held-out accuracy of a logistic probe separating pos from neg (0.5 = chance).
+    """Cross-validated accuracy of a logistic probe separating pos from neg, grouped by prompt (0.5 = chance).
 
-    Each class is split at random into train and test parts with scikit-learn's
-    ``train_test_split`` (so the split is stratified by class): ``round(n * test_fraction)`` of a
-    class's ``n`` rows, but at least one and at most ``n - 1``, are held out. The draws come from
-    one ``numpy`` ``RandomState(seed)``, so the split is reproducible. The probe
-    (:func:`~sims_lens.steering.learners.probe.fit_logistic`, penalty ``l2``) is fitted on the train
-    parts and scored on the test parts. Used to rank layers by how linearly separable H+ and H- are.
+    K-fold cross-validation over :func:`pair_folds`: the probe
+    (:func:`~sims_lens.steering.learners.probe.fit_logistic`, penalty ``l2``) is fitted on the
+    training folds and scores the held-out fold's rows; the accuracy is pooled over every held-out
+    row (correct / rows). Grouping matters because a prompt's two responses share most of their
+    activation (the prompt's own offset): with one on each side of the split the probe scores the
+    prompt instead of the preference, which pushes the accuracy away from chance on noise (below it
+    with one pair per prompt, above it with several). Compare with :func:`probe_accuracy_null`.
     """
-    pos, neg = check_activations(pos, neg, learner="probe_accuracy")
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"probe_accuracy: test_fraction must be in (0, 1), got {test_fraction!r}")
-    rng = np.random.RandomState(seed)
-    splits = []
-    for x in (pos, neg):
-        n = x.shape[0]
-        n_test = min(n - 1, max(1, round(n * test_fraction)))
-        train, test = train_test_split(np.arange(n), test_size=n_test, random_state=rng, shuffle=True)
-        splits.append((x[torch.from_numpy(train).to(x.device)], x[torch.from_numpy(test).to(x.device)]))
-    (pos_train, pos_test), (neg_train, neg_test) = splits
-    classifier = fit_logistic(pos_train, neg_train, l2=l2)
-    with torch.no_grad():
-        correct = (classifier.logits(pos_test) > 0).sum() + (classifier.logits(neg_test) <= 0).sum()
-    return float(correct) / (pos_test.shape[0] + neg_test.shape[0])
+    pos, neg = check_activations(pos, neg, paired=True, learner="probe_accuracy")
+    return _cv_accuracy(pos, neg, pair_folds(groups, pos.shape[0], folds=folds, seed=seed, name="probe_accuracy"), l2)
 
 
-def fisher_ratio(pos: Float[Tensor, "n_pos d"], neg: Float[Tensor, "n_neg d"]) -> float:
-    """Fisher's criterion along the mean-difference direction ``u``.
+def probe_accuracy_null(
+    pos: Float[Tensor, "n d"],
+    neg: Float[Tensor, "n d"],
+    groups: Groups = None,
+    *,
+    folds: int = 5,
+    seed: int = 0,
+    repeats: int = 5,
+    l2: float = 1e-2,
+) -> float:
+    """:func:`probe_accuracy` of label-permuted data, averaged over ``repeats`` permutations.
 
-    ``(mean(pos . u) - mean(neg . u))^2 / (var(pos . u) + var(neg . u))``: between-class over
-    within-class variance of the 1-D projections. 0 when the means coincide, ``inf`` when the
-    classes differ but have no spread along ``u``.
+    Each permutation swaps the pos and neg rows of every group (prompt) independently with
+    probability 1/2: a sign-flip permutation that keeps the pairing and the folds, so it has the
+    same prompts, sizes and dimension but no consistent preference direction. With a few pairs in
+    hundreds of dimensions the accuracy scatters widely around 0.5; this is the chance level the
+    same data and folds give, the reference an accuracy should beat. Permutation ``r`` draws from
+    ``derive_seed(seed, "null", r)``.
     """
-    pos, neg = check_activations(pos, neg, learner="fisher_ratio")
-    u = unit(mean_difference(pos.double(), neg.double()))
-    if not bool(u.any()):
-        return 0.0
-    p, q = pos.double() @ u, neg.double() @ u
+    name = "probe_accuracy_null"
+    pos, neg = check_activations(pos, neg, paired=True, learner=name)
+    splits = pair_folds(groups, pos.shape[0], folds=folds, seed=seed, name=name)
+    return _null_accuracy(pos, neg, _group_codes(groups, pos.shape[0], name), splits, seed, repeats, l2)
+
+
+def fisher_ratio(
+    pos: Float[Tensor, "n d"],
+    neg: Float[Tensor, "n d"],
+    groups: Groups = None,
+    *,
+    folds: int = 5,
+    seed: int = 0,
+) -> float:
+    """Held-out Fisher's criterion along the mean-difference direction, cross-validated by prompt.
+
+    For each fold of :func:`pair_folds`, ``u`` is the unit mean difference of the *training* folds
+    and the held-out rows are projected on it; over the pooled held-out projections ``p`` (pos) and
+    ``q`` (neg) the ratio is ``(mean(p) - mean(q))^2 / (var(p) + var(q))``, between- over
+    within-class variance. Held out because the direction fitted on the same rows always finds a
+    spread-out separation: in-sample the ratio of pure noise is about ``d / n`` (~36 at d = 576,
+    n = 16), held out it is about ``1 / n``. 0 when the means coincide, ``inf`` when they differ
+    with no spread.
+    """
+    pos, neg = check_activations(pos, neg, paired=True, learner="fisher_ratio")
+    return _cv_fisher(pos, neg, pair_folds(groups, pos.shape[0], folds=folds, seed=seed, name="fisher_ratio"))
+
+
+def separability(
+    pos: Float[Tensor, "n d"],
+    neg: Float[Tensor, "n d"],
+    groups: Groups,
+    *,
+    seed: int,
+    folds: int = 5,
+    repeats: int = 5,
+    l2: float = 1e-2,
+) -> Separability:
+    """:func:`probe_accuracy`, :func:`probe_accuracy_null` and :func:`fisher_ratio` on the same folds.
+
+    ``groups[i]`` is the prompt of pair ``(pos[i], neg[i])`` (``None``: one prompt per pair). The
+    values equal the three functions' with the same ``groups``, ``folds``, ``seed`` (and ``l2``,
+    ``repeats``).
+    """
+    pos, neg = check_activations(pos, neg, paired=True, learner="separability")
+    codes = _group_codes(groups, pos.shape[0], "separability")
+    splits = pair_folds(groups, pos.shape[0], folds=folds, seed=seed)
+    return Separability(
+        probe_accuracy=_cv_accuracy(pos, neg, splits, l2),
+        probe_accuracy_null=_null_accuracy(pos, neg, codes, splits, seed, repeats, l2),
+        fisher_ratio=_cv_fisher(pos, neg, splits),
+    )
+
+
+def _group_codes(groups: Groups, n_pairs: int, name: str) -> np.ndarray:
+    """Group ids as integers 0.. in order of first appearance (``None``: ``0 .. n_pairs - 1``)."""
+    if groups is None:
+        return np.arange(n_pairs)
+    if isinstance(groups, (str, bytes)):
+        raise TypeError(f"{name}: groups must be a sequence with one group id per pair, got a {type(groups).__name__}")
+    labels = list(groups)
+    if len(labels) != n_pairs:
+        raise ValueError(f"{name}: groups has {len(labels)} entries but there are {n_pairs} pairs (one id per pair)")
+    index: dict[Hashable, int] = {}
+    return np.array([index.setdefault(label, len(index)) for label in labels], dtype=np.int64)
+
+
+def _rows(x: Tensor, indices: np.ndarray) -> Tensor:
+    return x[torch.from_numpy(indices).to(x.device)]
+
+
+def _cv_accuracy(pos: Tensor, neg: Tensor, folds: Folds, l2: float) -> float:
+    correct = total = 0
+    for train, test in folds:
+        classifier = fit_logistic(_rows(pos, train), _rows(neg, train), l2=l2)
+        with torch.no_grad():
+            correct += int((classifier.logits(_rows(pos, test)) > 0).sum())
+            correct += int((classifier.logits(_rows(neg, test)) <= 0).sum())
+        total += 2 * len(test)
+    return correct / total
+
+
+def _null_accuracy(
+    pos: Tensor, neg: Tensor, codes: np.ndarray, folds: Folds, seed: int, repeats: int, l2: float
+) -> float:
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"probe_accuracy_null: repeats must be an integer >= 1, got {repeats!r}")
+    n_groups = int(codes.max()) + 1
+    accuracies = []
+    for r in range(repeats):
+        flip = np.random.default_rng(derive_seed(seed, "null", r)).random(n_groups) < 0.5
+        swap = torch.from_numpy(flip[codes]).to(pos.device)[:, None]
+        accuracies.append(_cv_accuracy(torch.where(swap, neg, pos), torch.where(swap, pos, neg), folds, l2))
+    return float(np.mean(accuracies))
+
+
+def _cv_fisher(pos: Tensor, neg: Tensor, folds: Folds) -> float:
+    p_parts, q_parts = [], []
+    for train, test in folds:
+        u = unit(mean_difference(_rows(pos, train).double(), _rows(neg, train).double()))
+        p_parts.append(_rows(pos, test).double() @ u)
+        q_parts.append(_rows(neg, test).double() @ u)
+    p, q = torch.cat(p_parts), torch.cat(q_parts)
     between = float((p.mean() - q.mean()) ** 2)
     within = float(p.var(unbiased=False) + q.var(unbiased=False))
     if within <= 1e-300:
-        return float("inf")
+        return float("inf") if between > 0.0 else 0.0
     return between / within

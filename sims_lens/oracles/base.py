@@ -55,6 +55,18 @@ def make_oracle(
     return ORACLES.make(name, settings, model=model, tokenizer=tokenizer)
 
 
+def is_relative(oracle: Any) -> bool:
+    """Whether ``oracle``'s scores only compare within one call's group of responses.
+
+    A relative oracle (the self-judge's ranks; a composite that normalises per prompt or holds a
+    relative part) gives scores that sum to a constant within a group: they rank a prompt's
+    responses but mean nothing across prompts or iterations, so its reward means are not reported
+    and contrast sampling (which compares across iterations) refuses it. Every registered oracle
+    declares ``relative``; an object without the attribute counts as absolute.
+    """
+    return bool(getattr(oracle, "relative", False))
+
+
 def judges_with_policy(oracle: Any) -> bool:
     """Whether ``oracle`` judges *as the model it runs on* (SIMS prompt ranking).
 

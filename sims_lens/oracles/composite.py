@@ -25,7 +25,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from sims_lens.oracles.base import ORACLES, Oracle, check_inputs, judges_with_policy, make_oracle, register_oracle
+from sims_lens.oracles.base import (
+    ORACLES,
+    Oracle,
+    check_inputs,
+    is_relative,
+    judges_with_policy,
+    make_oracle,
+    register_oracle,
+)
 from sims_lens.validation import check_choice, check_int, check_number, is_number, require
 
 LENGTH_UNITS = ("word", "token")
@@ -118,6 +126,11 @@ class Composite:
             key: make_oracle(key, self.component_settings.get(key), model=self.model, tokenizer=self.tokenizer)
             for key in self.components
         }
+
+    @property
+    def relative(self) -> bool:
+        """Relative when any component is, or when scores are normalised within each prompt's group."""
+        return self.normalize != "none" or any(is_relative(oracle) for oracle in self.oracles.values())
 
     @property
     def judges_with_policy(self) -> bool:

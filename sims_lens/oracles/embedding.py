@@ -66,6 +66,8 @@ class EmbeddingSimilarity:
     """
 
     name: ClassVar[str] = "embedding_similarity"
+    relative: ClassVar[bool] = False
+    """Scores compare across calls (prompts, iterations): an absolute oracle."""
     target: str = DEFAULT_TARGET
     negative_target: str = ""
     model_path: str = ""

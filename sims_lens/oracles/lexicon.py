@@ -24,6 +24,8 @@ class LexiconSentiment:
     """VADER sentiment of each response (``vaderSentiment.SentimentIntensityAnalyzer``)."""
 
     name: ClassVar[str] = "lexicon_sentiment"
+    relative: ClassVar[bool] = False
+    """Scores compare across calls (prompts, iterations): an absolute oracle."""
     measure: str = "compound"
     _analyzer: Any = field(default=None, init=False, repr=False, compare=False)
 

@@ -59,6 +59,8 @@ class RewardModel:
     """
 
     name: ClassVar[str] = "reward_model"
+    relative: ClassVar[bool] = False
+    """Scores compare across calls (prompts, iterations): an absolute oracle."""
     name_or_path: str
     label_index: int = 0
     batch_size: int = 8

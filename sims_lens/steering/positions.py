@@ -4,11 +4,22 @@ During generation with a KV cache, the prefill forward sees ``[batch, prompt, d_
 decode step sees ``[batch, 1, d_model]``. :func:`track_positions` follows that (one hook on
 ``hook_embed`` counts the tokens each forward adds), so a hook can tell prompt tokens from
 generated ones and real tokens from left padding. Outside :func:`track_positions` every forward
-is a whole, unpadded sequence of prompt tokens.
+is taken to be a whole, unpadded sequence of prompt tokens.
 
-Position policies: ``"all"`` (every real token), ``"generated"`` (generated tokens only),
-``"prompt"`` (real prompt tokens only) and ``"from:K"`` (real tokens at position K and later,
-counted from each row's first real token).
+Position policies:
+
+- ``"all"``: every real token (never left padding).
+- ``"generated"``: the tokens that produce the response, i.e. the last real prompt token and every
+  generated token. The last prompt token's output is the first response token's distribution, so
+  steering it steers the first response token too (steering generated tokens alone would leave the
+  first response token to the unsteered prefill). In the prefill forward of a generation the last
+  real prompt token of each row is edited, in each cached decode step the new token, in an
+  uncached re-run the last prompt token and all generated ones (the same edits, so cached and
+  uncached greedy generation agree). In any other forward (a padded batch inside
+  :func:`track_positions`, such as the self-judge's judging prompts, or an untracked forward) the
+  last real token of each row is edited: the one whose output is read.
+- ``"prompt"``: real prompt tokens only.
+- ``"from:K"``: real tokens at position K and later, counted from each row's first real token.
 """
 
 from __future__ import annotations
@@ -28,9 +39,14 @@ POLICIES = ("all", "generated", "prompt", "from:K")
 
 
 def validate_policy(policy: str) -> str:
+    """``policy`` if it names a position policy, else a ValueError listing them."""
     if policy in {"all", "generated", "prompt"} or _FROM_RE.match(policy):
         return policy
-    raise ValueError(f"unknown position policy {policy!r}; use one of {', '.join(POLICIES)} (for example from:5)")
+    raise ValueError(
+        f"unknown position policy {policy!r}; use one of {', '.join(POLICIES)} "
+        "(all: every real token; generated: the last prompt token and every generated token; "
+        "prompt: real prompt tokens; from:K: real tokens from position K on, for example from:5)"
+    )
 
 
 @dataclass
@@ -100,11 +116,18 @@ def position_mask(
 
 
 def _untracked_mask(policy: str, batch: int, seq_len: int, device: torch.device) -> Tensor | None:
-    """A plain forward: one unpadded sequence of prompt tokens per row."""
+    """A plain forward: one unpadded sequence of prompt tokens per row.
+
+    Under ``"generated"`` the last position is edited: the last real token of each row (also under
+    left padding, the one case where this policy needs no tracker to skip the padding). This also
+    makes an untracked, cached, unpadded generation steer what a tracked one does (prefill: the last
+    prompt token; decode steps: the new token); an untracked *uncached* one would steer only the
+    newest token of each re-run, so generate under :func:`track_positions` (``generate_ids`` does).
+    """
     if policy in {"all", "prompt"}:
         return None
     if policy == "generated":
-        return torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
+        return (torch.arange(seq_len, device=device) == seq_len - 1).expand(batch, seq_len)
     start = int(policy.split(":")[1])
     index = torch.arange(seq_len, device=device)
     return (index >= start).expand(batch, seq_len)
@@ -120,7 +143,9 @@ def _tracked_mask(policy: str, batch: int, seq_len: int, tracker: PositionTracke
     if policy == "all":
         mask = real
     elif policy == "generated":
-        mask = (~in_prompt).expand(batch, seq_len)
+        # the last prompt column (the last real prompt token of every row under left padding) and
+        # every generated token; a row whose prompt is all padding has no real prompt token there
+        mask = real & (absolute >= width - 1).expand(batch, seq_len)
     elif policy == "prompt":
         mask = real & in_prompt
     else:

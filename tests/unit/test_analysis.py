@@ -105,11 +105,17 @@ def test_separability_per_layer():
     pos = torch.randn(12, 2, 8)
     neg = torch.randn(12, 2, 8)
     pos[:, 1, 0] += 10.0  # layer 5 separates perfectly along one axis, layer 2 not at all
-    frame = separability(pos, neg, ["blocks.2.hook_resid_post", "blocks.5.hook_resid_post"])
-    assert list(frame["layer"]) == [2, 5]
+    hooks = ["blocks.2.hook_resid_post", "blocks.5.hook_resid_post"]
+    frame = separability(pos, neg, hooks, groups=[f"prompt{i // 2}" for i in range(12)])
+    assert list(frame["layer"]) == [2, 5] and set(frame["n_pairs"]) == {12}
     assert frame.loc[1, "probe_accuracy"] == 1.0 and frame.loc[1, "fisher_ratio"] > frame.loc[0, "fisher_ratio"]
+    assert frame.loc[1, "probe_accuracy_null"] < frame.loc[1, "probe_accuracy"]
     with pytest.raises(ValueError, match="hook names"):
         separability(pos, neg, ["blocks.2.hook_resid_post"])
+    with pytest.raises(ValueError, match="paired"):
+        separability(pos, neg[:11], hooks)
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        separability(pos, neg, hooks, groups=["one prompt"] * 12)
 
 
 # -- figures ----------------------------------------------------------------------------------
@@ -146,8 +152,16 @@ def test_metric_figures_and_empty_inputs(policies):
     assert list(reward.x) == [0, 1, 2] and list(reward.y) == pytest.approx([0.3, 0.5, 0.7])
     base = fig.data[1]
     assert base.name == "base (iteration 0)" and list(base.y) == [0.3, 0.3] and base.line.dash == "dash"
-    sep = separability_figure(metrics_frame())
-    assert len(sep.data) == 2 * 2 and list(sep.data[0].x) == [0, 3]
+    sep = separability_figure(metrics_frame())  # an older run: no null rows
+    assert len(sep.data) == 2 * 2 and list(sep.data[0].x) == [0, 3] and "older run" in sep.layout.title.text
+    nulls = [(t, "train", "probe_accuracy_null", layer, 0.5) for t in (1, 2) for layer in (0, 3)]
+    with_null = pd.concat([metrics_frame(), pd.DataFrame(nulls, columns=metrics_frame().columns)])
+    sep = separability_figure(with_null)
+    dashed = [t for t in sep.data if t.line.dash == "dash"]
+    assert len(sep.data) == 2 * 2 + 2 + 1  # accuracy and Fisher per iteration, a null per iteration, the legend
+    assert [t.name for t in dashed] == ["iteration 1 null", "iteration 2 null", "null"]
+    assert dashed[0].line.color == sep.data[0].line.color and list(dashed[0].y) == [0.5, 0.5]
+    assert "cross-validated, grouped by prompt" in sep.layout.title.text
     empty = pd.DataFrame(columns=["iteration", "split", "metric", "layer", "value"])
     assert len(heldout_figure(empty).data) == 0 and len(cosine_iterations_figure({}).data) == 0
 
@@ -239,7 +253,8 @@ def test_live_callback_writes_analysis_metrics_and_figures(tiny_run):
     frame = pd.read_csv(out / "analysis_metrics.csv")
     assert list(frame.columns) == ["iteration", "split", "metric", "layer", "value"]
     assert set(frame["split"]) == {"analysis"} and set(frame["iteration"]) == {1, 2} and set(frame["layer"]) == {0, 1}
-    assert {"norm", "cos_prev", "cos_first", "fit_norm", "probe_accuracy", "fisher_ratio"} <= set(frame["metric"])
+    expected = {"norm", "cos_prev", "cos_first", "fit_norm", "probe_accuracy", "probe_accuracy_null", "fisher_ratio"}
+    assert expected <= set(frame["metric"])
     cos_prev = frame[(frame["metric"] == "cos_prev") & (frame["layer"] == 0)]["value"].item()
     expected = cosine(
         results[1].policy.direction("blocks.0.hook_resid_post"), results[0].policy.direction("blocks.0.hook_resid_post")

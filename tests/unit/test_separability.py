@@ -1,4 +1,5 @@
-"""Unit tests for the separability measures: held-out probe accuracy and Fisher's ratio."""
+"""Unit tests for the separability measures: prompt-grouped cross-validated probe accuracy, its
+permutation null, and the held-out Fisher ratio."""
 
 from __future__ import annotations
 
@@ -7,10 +8,21 @@ import math
 import numpy as np
 import pytest
 import torch
+from sklearn.model_selection import train_test_split
 from torch import Tensor
 
 import sims_lens.steering.learners as learners
-from sims_lens.separability import fisher_ratio, probe_accuracy
+from sims_lens.metrics import layer_rows
+from sims_lens.separability import (
+    Separability,
+    fisher_ratio,
+    pair_folds,
+    probe_accuracy,
+    probe_accuracy_null,
+    separability,
+)
+from sims_lens.steering.functions import SteeringFunction, SteeringSet
+from sims_lens.steering.learners.probe import fit_logistic
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -18,69 +30,260 @@ def _gen(seed: int = 0) -> torch.Generator:
 
 
 def _two_gaussians(n: int, d: int, shift: float, *, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """pos ~ N(shift u, I), neg ~ N(-shift u, I) for a fixed unit ``u``."""
+    """n pairs: pos ~ N(shift u, I), neg ~ N(-shift u, I) for a fixed unit ``u``."""
     u = torch.randn(d, generator=_gen(99))
     u = u / u.norm()
     g = _gen(seed)
     return shift * u + torch.randn(n, d, generator=g), -shift * u + torch.randn(n, d, generator=g)
 
 
+def _chance_band(n_rows: int, z: float = 4.0) -> float:
+    """``z`` binomial standard deviations of an accuracy over ``n_rows`` coin flips: the tolerance
+    around 0.5 that the sample size allows (CV predictions are mildly correlated; at d = 576, n = 16
+    the measured spread is ~1.25x binomial, so z = 4 is still > 3 real standard deviations)."""
+    return z * math.sqrt(0.25 / n_rows)
+
+
 def test_one_home_not_reexported_by_the_learners() -> None:
-    assert not hasattr(learners, "probe_accuracy") and not hasattr(learners, "fisher_ratio")
+    for name in ("probe_accuracy", "probe_accuracy_null", "fisher_ratio", "separability"):
+        assert not hasattr(learners, name)
 
 
-def test_probe_accuracy_separable_vs_identical() -> None:
-    pos, neg = _two_gaussians(200, 8, 3.0, seed=6)
-    assert probe_accuracy(pos, neg) >= 0.97
-    same_pos, _ = _two_gaussians(400, 8, 0.0, seed=7)
-    same_neg, _ = _two_gaussians(400, 8, 0.0, seed=8)
-    assert abs(probe_accuracy(same_pos, same_neg) - 0.5) < 0.12
+# -- folds ------------------------------------------------------------------------------------
 
 
-def test_probe_accuracy_is_reproducible_and_depends_on_the_seed() -> None:
-    pos, neg = _two_gaussians(60, 8, 0.3, seed=1)
-    assert probe_accuracy(pos, neg, seed=3) == probe_accuracy(pos, neg, seed=3)
-    assert len({probe_accuracy(pos, neg, seed=s) for s in range(6)}) > 1
+def test_pair_folds_keep_each_group_in_one_fold_and_hold_out_every_pair_once() -> None:
+    groups = [f"prompt{i // 3}" for i in range(21)]  # 7 prompts, 3 pairs each
+    folds = pair_folds(groups, 21, folds=5, seed=4)
+    assert len(folds) == 5
+    held_out = np.concatenate([test for _, test in folds])
+    assert sorted(held_out.tolist()) == list(range(21))
+    for train, test in folds:
+        assert not {groups[i] for i in train} & {groups[i] for i in test}
+        assert sorted(np.concatenate([train, test]).tolist()) == list(range(21))
+    assert len(pair_folds(groups, 21, folds=10)) == 7  # never more folds than groups
+    assert len(pair_folds(None, 3, folds=5)) == 3  # None: every pair is its own group
 
 
-@pytest.mark.parametrize(
-    ("n_pos", "n_neg", "test_fraction", "n_test"),
-    [(2, 2, 0.3, 2), (2, 2, 0.9, 2), (10, 10, 0.3, 6), (3, 40, 0.01, 2), (40, 3, 0.99, 41)],
-)
-def test_probe_accuracy_holds_out_at_least_one_row_per_class(
-    n_pos: int, n_neg: int, test_fraction: float, n_test: int
-) -> None:
-    """``round(n * test_fraction)`` rows of each class, clamped to [1, n - 1], are scored."""
-    pos, neg = _two_gaussians(max(n_pos, n_neg), 4, 3.0, seed=2)
-    accuracy = probe_accuracy(pos[:n_pos], neg[:n_neg], test_fraction=test_fraction)
-    assert 0.0 <= accuracy <= 1.0
-    assert math.isclose(accuracy * n_test, round(accuracy * n_test), abs_tol=1e-9)  # a multiple of 1 / n_test
+# -- (a) grouping -------------------------------------------------------------------------------
 
 
-def test_probe_accuracy_rejects_bad_fraction_and_bad_inputs() -> None:
-    pos, neg = _two_gaussians(10, 4, 1.0)
-    for fraction in (0.0, 1.0, -0.2):
-        with pytest.raises(ValueError, match="test_fraction must be in"):
-            probe_accuracy(pos, neg, test_fraction=fraction)
-    with pytest.raises(ValueError, match="differ in d_model"):
-        probe_accuracy(pos, neg[:, :3])
-    with pytest.raises(ValueError, match="at least 2 rows"):
-        probe_accuracy(pos, neg[:1])
+def _prompt_specific_contrast(
+    n_prompts: int = 16, per_prompt: int = 4, d: int = 64, *, seed: int = 0
+) -> tuple[Tensor, Tensor, list[str]]:
+    """Each prompt: a strong offset shared by its + and - rows, and its *own* +/- direction.
+
+    Nothing about the preference generalises to a new prompt, so the honest (grouped) accuracy is
+    chance; a probe that has seen other pairs of the same prompt can still learn that prompt's
+    direction, so a split that ignores the prompts scores high.
+    """
+    g = _gen(seed)
+    offset = 5.0 * torch.randn(n_prompts, 1, d, generator=g)
+    direction = torch.randn(n_prompts, 1, d, generator=g)
+    direction = 10.0 * direction / direction.norm(dim=-1, keepdim=True)
+    pos = offset + direction + torch.randn(n_prompts, per_prompt, d, generator=g)
+    neg = offset - direction + torch.randn(n_prompts, per_prompt, d, generator=g)
+    groups = [f"prompt{i}" for i in range(n_prompts) for _ in range(per_prompt)]
+    return pos.reshape(-1, d), neg.reshape(-1, d), groups
 
 
-def test_fisher_ratio_matches_definition_and_orders_separation() -> None:
-    pos, neg = _two_gaussians(300, 8, 1.0, seed=9)
-    u = (pos.double().mean(0) - neg.double().mean(0)).numpy()
-    u /= np.linalg.norm(u)
-    p, q = pos.double().numpy() @ u, neg.double().numpy() @ u
-    expected = (p.mean() - q.mean()) ** 2 / (p.var() + q.var())
-    assert math.isclose(fisher_ratio(pos, neg), expected, rel_tol=1e-9)
-    near_pos, near_neg = _two_gaussians(300, 8, 0.1, seed=9)
+def test_grouping_by_prompt_removes_the_leak_of_prompt_specific_contrast() -> None:
+    pos, neg, groups = _prompt_specific_contrast()
+    band = _chance_band(2 * pos.shape[0])
+    leaky = probe_accuracy(pos, neg)  # groups=None: each pair is a group, other pairs of its prompt train
+    grouped = probe_accuracy(pos, neg, groups)
+    assert leaky > 0.5 + band
+    assert abs(grouped - 0.5) < band
+    assert abs(probe_accuracy_null(pos, neg, groups) - 0.5) < band
+
+
+def _independent_split_accuracy(pos: Tensor, neg: Tensor, seed: int) -> float:
+    """The replaced procedure: 30% of each class held out at random, independently of the pairing."""
+    rng = np.random.RandomState(seed)
+    parts = [train_test_split(np.arange(x.shape[0]), test_size=0.3, random_state=rng) for x in (pos, neg)]
+    (pos_train, pos_test), (neg_train, neg_test) = parts
+    classifier = fit_logistic(pos[pos_train], neg[neg_train])
+    correct = (classifier.logits(pos[pos_test]) > 0).sum() + (classifier.logits(neg[neg_test]) <= 0).sum()
+    return float(correct) / (len(pos_test) + len(neg_test))
+
+
+def test_shared_prompt_offsets_are_chance_when_grouped_but_not_when_pairs_are_split() -> None:
+    """A strong prompt offset shared by a pair's + and - rows, noise otherwise (one pair per prompt).
+
+    Splitting the two rows of a pair across train and test lets the probe recognise the prompt
+    and label it with the class its training row had, so the held-out row is misclassified (the
+    old split scored far *below* chance here); the grouped accuracy is chance.
+    """
+    g = _gen(3)
+    n, d = 128, 256
+    offset = 5.0 * torch.randn(n, d, generator=g)
+    pos, neg = offset + torch.randn(n, d, generator=g), offset + torch.randn(n, d, generator=g)
+    assert abs(probe_accuracy(pos, neg) - 0.5) < _chance_band(2 * n)
+    for seed in range(3):  # each split scores 2 x 38 held-out rows
+        assert _independent_split_accuracy(pos, neg, seed) < 0.5 - _chance_band(2 * round(0.3 * n))
+
+
+# -- (b), (c) separable and identical distributions ------------------------------------------
+
+
+def test_separable_pairs_score_one_and_their_null_is_chance() -> None:
+    pos, neg = _two_gaussians(200, 8, 3.0, seed=6)  # Bayes accuracy Phi(3) = 0.9987
+    band = _chance_band(2 * 200)
+    measured = separability(pos, neg, None, seed=0)
+    assert measured.probe_accuracy >= 0.97
+    assert abs(measured.probe_accuracy_null - 0.5) < band
+
+
+def test_identical_distributions_score_chance_and_so_does_the_null() -> None:
+    pos, neg = _two_gaussians(200, 8, 0.0, seed=7)
+    band = _chance_band(2 * 200)
+    measured = separability(pos, neg, None, seed=0)
+    assert abs(measured.probe_accuracy - 0.5) < band
+    assert abs(measured.probe_accuracy_null - 0.5) < band
+
+
+def test_high_dimensional_noise_with_few_pairs_stays_near_chance() -> None:
+    """The loop's regime (d = 576, 16 pairs): accuracy and null within the sample-size band."""
+    g = _gen(11)
+    pos, neg = torch.randn(16, 576, generator=g), torch.randn(16, 576, generator=g)
+    measured = separability(pos, neg, None, seed=0)
+    band = _chance_band(2 * 16)
+    assert abs(measured.probe_accuracy - 0.5) < band and abs(measured.probe_accuracy_null - 0.5) < band
+
+
+# -- (d) held-out Fisher ratio -----------------------------------------------------------------
+
+
+def _in_sample_fisher(pos: Tensor, neg: Tensor) -> float:
+    u = pos.double().mean(0) - neg.double().mean(0)
+    u = u / u.norm()
+    p, q = pos.double() @ u, neg.double() @ u
+    return float((p.mean() - q.mean()) ** 2 / (p.var(unbiased=False) + q.var(unbiased=False)))
+
+
+def test_held_out_fisher_ratio_of_noise_is_small_and_of_separated_pairs_large() -> None:
+    d, n = 576, 16
+    g = _gen(12)
+    pos, neg = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    assert _in_sample_fisher(pos, neg) > 0.5 * d / n  # the direction fitted on the same rows: ~d / n = 36
+    assert fisher_ratio(pos, neg) < 16 / n  # held out: O(1 / n) (mean ~0.15 over 50 seeds)
+    separated_pos, separated_neg = _two_gaussians(n, d, 3.0, seed=12)
+    assert fisher_ratio(separated_pos, separated_neg) > 2.0  # ~5 here; its population value is 36 / 2 = 18
+
+
+def test_fisher_ratio_matches_its_held_out_definition() -> None:
+    pos, neg = _two_gaussians(40, 8, 1.0, seed=9)
+    groups = [i // 2 for i in range(40)]
+    p, q = [], []
+    for train, test in pair_folds(groups, 40, folds=5, seed=2):
+        u = pos[train].double().mean(0) - neg[train].double().mean(0)
+        u = (u / u.norm()).numpy()
+        p += list(pos[test].double().numpy() @ u)
+        q += list(neg[test].double().numpy() @ u)
+    expected = (np.mean(p) - np.mean(q)) ** 2 / (np.var(p) + np.var(q))
+    assert math.isclose(fisher_ratio(pos, neg, groups, seed=2), expected, rel_tol=1e-9)
+    near_pos, near_neg = _two_gaussians(40, 8, 0.1, seed=9)
     assert fisher_ratio(pos, neg) > 10 * fisher_ratio(near_pos, near_neg)
+
+
+def test_fisher_ratio_is_zero_for_identical_rows_and_infinite_without_spread() -> None:
+    pos, _ = _two_gaussians(10, 4, 1.0)
     assert fisher_ratio(pos, pos.clone()) == 0.0
-
-
-def test_fisher_ratio_is_infinite_without_spread() -> None:
     pos = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     neg = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
     assert fisher_ratio(pos, neg) == float("inf")
+
+
+# -- (e) determinism -----------------------------------------------------------------------------
+
+
+def test_separability_is_deterministic_given_the_seed_and_matches_the_single_measures() -> None:
+    pos, neg = _two_gaussians(30, 8, 0.3, seed=1)
+    groups = [f"p{i // 2}" for i in range(30)]
+    first = separability(pos, neg, groups, seed=3)
+    assert isinstance(first, Separability)
+    assert separability(pos, neg, groups, seed=3) == first
+    assert first == Separability(
+        probe_accuracy(pos, neg, groups, seed=3),
+        probe_accuracy_null(pos, neg, groups, seed=3),
+        fisher_ratio(pos, neg, groups, seed=3),
+    )
+    assert len({separability(pos, neg, groups, seed=s) for s in range(6)}) > 1
+    assert [t.tolist() for _, t in pair_folds(groups, 30, seed=3)] == [
+        t.tolist() for _, t in pair_folds(groups, 30, seed=3)
+    ]
+
+
+def test_group_ids_only_matter_through_which_pairs_share_a_prompt() -> None:
+    pos, neg = _two_gaussians(12, 4, 0.5, seed=5)
+    by_name = separability(pos, neg, [f"p{i // 3}" for i in range(12)], seed=0)
+    by_number = separability(pos, neg, [i // 3 for i in range(12)], seed=0)
+    assert by_name == by_number
+
+
+# -- (f) errors ----------------------------------------------------------------------------------
+
+
+def test_clear_errors_for_bad_groups_folds_and_inputs() -> None:
+    pos, neg = _two_gaussians(6, 4, 1.0)
+    for measure in (probe_accuracy, probe_accuracy_null, fisher_ratio):
+        with pytest.raises(ValueError, match="at least 2 groups"):
+            measure(pos, neg, ["same"] * 6)
+        with pytest.raises(ValueError, match="groups has 5 entries but there are 6 pairs"):
+            measure(pos, neg, ["a", "b", "c", "d", "e"])
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        separability(pos, neg, [0] * 6, seed=0)
+    with pytest.raises(TypeError, match="one group id per pair"):
+        separability(pos, neg, "abcdef", seed=0)
+    with pytest.raises(ValueError, match="folds must be an integer >= 2"):
+        probe_accuracy(pos, neg, folds=1)
+    with pytest.raises(ValueError, match="repeats must be an integer >= 1"):
+        probe_accuracy_null(pos, neg, repeats=0)
+    with pytest.raises(ValueError, match="paired rows"):
+        probe_accuracy(pos, neg[:5])
+    with pytest.raises(ValueError, match="differ in d_model"):
+        fisher_ratio(pos, neg[:, :3])
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        separability(pos[:1], neg[:1], None, seed=0)
+
+
+# -- the loop's per-layer rows -------------------------------------------------------------------
+
+
+def test_layer_rows_report_the_three_measures_per_layer_and_nan_for_a_single_prompt() -> None:
+    hooks = ["blocks.1.hook_resid_post", "blocks.4.hook_resid_post"]
+    steering = SteeringSet.from_functions(
+        SteeringFunction(edit="add", hook=hook, params={"vector": torch.ones(4)}) for hook in hooks
+    )
+    pos, neg = _two_gaussians(8, 4, 2.0, seed=1)
+    positives, negatives = torch.stack([pos, pos], dim=1), torch.stack([neg, neg], dim=1)
+    groups = [f"p{i // 2}" for i in range(8)]
+    rows = layer_rows(
+        1,
+        hooks=hooks,
+        positives=positives,
+        negatives=negatives,
+        groups=groups,
+        fitted=steering,
+        policy=steering,
+        seed=5,
+    )
+    got = {(r["metric"], r["layer"]): r["value"] for r in rows}
+    assert {r["split"] for r in rows} == {"train"} and {layer for _, layer in got} == {1, 4}
+    expected = separability(pos, neg, groups, seed=5)
+    for layer in (1, 4):
+        assert got[("probe_accuracy", layer)] == expected.probe_accuracy
+        assert got[("probe_accuracy_null", layer)] == expected.probe_accuracy_null
+        assert got[("fisher_ratio", layer)] == expected.fisher_ratio
+    single = layer_rows(
+        1,
+        hooks=hooks,
+        positives=positives,
+        negatives=negatives,
+        groups=["p"] * 8,
+        fitted=steering,
+        policy=steering,
+        seed=5,
+    )
+    values = {r["metric"]: r["value"] for r in single if r["layer"] == 1}
+    assert math.isnan(values["probe_accuracy"]) and math.isnan(values["fisher_ratio"]) and values["fit_norm"] == 2.0
