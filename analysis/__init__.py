@@ -7,6 +7,7 @@
 - :mod:`analysis.live`: the loop callback that records metrics and rewrites the figures every iteration
 - :mod:`analysis.report`: figures and the held-out summary rebuilt from a run folder alone
 - :mod:`analysis.ablations`: held-out reward per layer, per left-out layer and per multiplier
+- :mod:`analysis.eval_report`: ``sims-lens eval``'s figures, summary table and ``index.html``
 - :mod:`analysis.run_data`, :mod:`analysis.small_run`, :mod:`analysis.make_figures`:
   reading a run folder, making a small one, the README figures (plotly's static export, kaleido)
 """

@@ -79,30 +79,67 @@ def _cell(value: float | None) -> str:
 
 
 def run_command(args: argparse.Namespace, overrides: list[str] | None = None) -> int:
+    """``sims-lens run``: one run into ``--out``, or with ``--seeds`` one run per seed in ``--out/seed_S``."""
+    sets = (overrides or []) + (args.set or [])
+    seeds = parse_seeds(getattr(args, "seeds", None))
+    if not seeds:
+        return _run_one(Path(args.out), args, sets)[0]
+    loaded: tuple[Any, Any] | None = None  # the model loads once for all seeds
+    for seed in seeds:
+        out = Path(args.out) / f"seed_{seed}"
+        print(f"== seed {seed}: {out}")
+        code, loaded = _run_one(out, args, [*sets, f"seed={seed}"], loaded)
+        if code:
+            return code
+    return 0
+
+
+def parse_seeds(text: str | None) -> list[int]:
+    """``"0,1,2"`` or ``"0-4"`` -> seeds; None or empty -> none."""
+    if not text:
+        return []
+    seeds: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        low, _, high = part.partition("-")
+        if not low.isdigit() or (high and not high.isdigit()):
+            raise ValueError(f"--seeds {text!r}: use integers separated by commas (0,1,2) or a range (0-4)")
+        seeds += list(range(int(low), int(high) + 1)) if high else [int(low)]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r} lists a seed twice")
+    return seeds
+
+
+def _run_one(
+    out: Path, args: argparse.Namespace, sets: list[str], loaded: tuple[Any, Any] | None = None
+) -> tuple[int, tuple[Any, Any]]:
+    """One run into ``out``; returns the exit status and the (model, tokenizer) it used."""
     from sims_lens.loop import NotSeparableError
     from sims_lens.run import RunWriter, restore_state, sims_from_config
     from sims_lens.run_folder import RunFolder, check_new_folder, open_run
 
-    folder = RunFolder(args.out)
-    sets = (overrides or []) + (args.set or [])
+    folder = RunFolder(out)
+    resume = bool(args.resume) or (getattr(args, "auto_resume", False) and folder.state_path.is_file())
     config: SimsConfig | None
-    if args.config is None and args.resume and folder.has_config():
+    if args.config is None and resume and folder.has_config():
         config = load_config(folder.config_path, sets)  # resume: the run's own config, with any --set applied
     else:
         config = load_config(args.config, sets) if (args.config is not None or sets) else None
-    if not args.resume:
+    if not resume:
         check_new_folder(folder.path)
     elif not folder.has_config():
         open_run(folder.path, config, resume=True)  # raises the clear "no config.toml" error
     folder.refuse_if_locked()  # before the model loads; lock() below checks again
     # build everything the config names (model, prompts, oracle, learner, layers) before touching the folder
-    sims = sims_from_config(config or SimsConfig(), progress=not args.no_progress)
+    model, tokenizer = loaded if loaded is not None else (None, None)
+    sims = sims_from_config(config or SimsConfig(), progress=not args.no_progress, model=model, tokenizer=tokenizer)
+    used = (sims.model, sims.tokenizer)
     with folder.lock():
-        folder, config, done = open_run(folder.path, sims.config, args.resume)
+        folder, config, done = open_run(folder.path, sims.config, resume)
         sims.config = config
         if done >= config.iterations:
-            print(f"{args.out} already finished {done} of {config.iterations} iterations; nothing to do")
-            return 0
+            print(f"{out} already finished {done} of {config.iterations} iterations; nothing to do")
+            return 0, used
         sims.state = restore_state(folder, sims)
         sims.callbacks = [
             RunWriter(folder, sims.model),
@@ -121,9 +158,53 @@ def run_command(args: argparse.Namespace, overrides: list[str] | None = None) ->
                 f"error: {err}. Finished iterations are kept in {folder.path}; for other settings start a new --out.",
                 file=sys.stderr,
             )
-            return 2
+            return 2, used
     print(f"done: {folder.path} (metrics, samples, steering per iteration, config; figures/index.html)")
+    return 0, used
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    """``sims-lens eval``: policies of one or more runs against baselines, with intervals."""
+    from sims_lens.eval_runs import DEFAULT_SYSTEM_PROMPT, EvalSettings, evaluate_runs
+    from sims_lens.models import load_model
+    from sims_lens.run_folder import RunFolder
+
+    runs = expand_run_dirs(args.run_dirs)
+    config = RunFolder(runs[0]).read_config()
+    settings = EvalSettings(
+        args.prompts, args.samples, args.reference_oracle, args.system_prompt or DEFAULT_SYSTEM_PROMPT
+    )
+    if settings.samples is not None and settings.samples < 1:
+        raise ValueError(f"--samples {settings.samples}: use an integer >= 1")
+    start = time.perf_counter()
+    model, tokenizer = load_model(config.model, dtype=config.dtype)
+    frame = evaluate_runs(runs, args.out, model, tokenizer, settings)
+    print(f"evaluated {len(runs)} run(s) in {time.perf_counter() - start:.0f} s: {args.out}/eval.csv, samples.jsonl")
+    try:
+        from analysis.eval_report import format_table, summary_table, write_eval_report
+    except ImportError:
+        print(frame.to_string(index=False))
+        return 0
+    label = "all" if len(runs) > 1 else Path(runs[0]).name
+    print(format_table(summary_table(frame, run=label)))
+    print(f"figures: {write_eval_report(args.out)}")
     return 0
+
+
+def expand_run_dirs(paths: list[str]) -> list[Path]:
+    """Run folders, where a folder of ``seed_*`` runs (``sims-lens run --seeds``) stands for all of them."""
+    from sims_lens.run_folder import RunFolder
+
+    out: list[Path] = []
+    for path in map(Path, paths):
+        if RunFolder(path).has_config():
+            out.append(path)
+            continue
+        seeds = sorted(p for p in path.glob("seed_*") if RunFolder(p).has_config()) if path.is_dir() else []
+        if not seeds:
+            raise ValueError(f"{path} is not a run folder (no config.toml) and holds no seed_* runs")
+        out += seeds
+    return out
 
 
 def _analysis_callbacks(run_dir: Path) -> list[Any]:
@@ -150,7 +231,19 @@ def register(sub: Any) -> None:
         "--resume", action="store_true", help="continue an interrupted run from its last finished iteration"
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--seeds", default=None, help="several runs, one per seed, in OUT/seed_S (e.g. 0,1,2,3,4 or 0-4)")
     run.set_defaults(func=run_command)
+
+    ev = sub.add_parser("eval", help="every iteration's policy of the runs given against baselines, with intervals")
+    ev.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (or folders of seed_* runs)")
+    ev.add_argument("--out", required=True, help="where to write eval.csv, samples.jsonl and index.html")
+    ev.add_argument("--prompts", default=None, help="held-out prompts (default: each run's held-out prompts)")
+    ev.add_argument("--samples", type=int, default=None, help="samples per prompt (default: the run's)")
+    ev.add_argument("--reference-oracle", default=None, help="an oracle not used for training (default: the run's)")
+    ev.add_argument(
+        "--system-prompt", default=None, help="the prompting baseline's system prompt (default: a warm-tone request)"
+    )
+    ev.set_defaults(func=eval_command)
 
     report = sub.add_parser("report", help="rebuild a run folder's figures and index.html; print its held-out table")
     report.add_argument("run_dir", help="a run folder (finished or partial)")
@@ -160,6 +253,7 @@ def register(sub: Any) -> None:
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--seeds", default=None, help="several demo runs, one per seed, in OUT/seed_S")
     demo.set_defaults(func=demo_command)
 
 
@@ -178,9 +272,5 @@ def report_command(args: argparse.Namespace) -> int:
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    from sims_lens.run_folder import RunFolder
-
-    out = Path(args.out)
-    args.config = None
-    args.resume = RunFolder(out).state_path.is_file()
+    args.config, args.resume, args.auto_resume = None, False, True  # a finished or interrupted demo resumes
     return run_command(args, DEMO_OVERRIDES)

@@ -8,12 +8,12 @@ tokens: every scored response token counts once, however long its response.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from sims_lens.capture import padded_batches
@@ -22,6 +22,7 @@ from sims_lens.generation import GenerationSettings, decode_response, generate_i
 from sims_lens.groups import chunked
 from sims_lens.prompts import Prompt
 from sims_lens.seeds import derive_seed
+from sims_lens.stats import token_weighted_perplexity, win_outcomes
 from sims_lens.steering.functions import SteeringSet
 from sims_lens.steering.hooks import apply_steering
 
@@ -62,11 +63,7 @@ class Evaluation:
         response tokens pooled, not of the mean of per-response means (which would let a short
         response weigh as much as a long one). Responses with no tokens are skipped.
         """
-        pairs = [(nll, len(ex.response_ids)) for nll, ex in zip(self.nll, self.exchanges, strict=True)]
-        total = sum(n for _, n in pairs if n > 0)
-        if total == 0:
-            raise ValueError("perplexity needs at least one response token")
-        return math.exp(sum(nll * n for nll, n in pairs if n > 0) / total)
+        return token_weighted_perplexity(self.nll, [len(ex.response_ids) for ex in self.exchanges])
 
     @property
     def response_length(self) -> float:
@@ -149,5 +146,4 @@ def win_rate(policy: Sequence[float], base: Sequence[float]) -> float:
     """Fraction of paired samples where the policy's reward beats the base's (ties count half)."""
     if len(policy) != len(base) or not policy:
         raise ValueError("win rate needs the same, non-zero number of policy and base rewards")
-    wins = sum(1.0 if p > b else 0.5 if p == b else 0.0 for p, b in zip(policy, base, strict=True))
-    return wins / len(policy)
+    return float(np.nanmean(win_outcomes(policy, base)))

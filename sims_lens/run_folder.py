@@ -11,6 +11,7 @@ Layout (ARCHITECTURE.md, "The run folder")::
     RUN/heldout_base.jsonl           the base model's held-out responses and scores (iteration 0)
     RUN/metrics.csv                  tidy: iteration, split, metric, layer, value
     RUN/analysis_metrics.csv         the analysis callbacks' rows, same columns
+    RUN/logit_lens.csv               the analysis callbacks' logit-lens reading of each layer's candidate
     RUN/steering/iter_NNN.safetensors  the policy after iteration NNN (+ .json metadata)
     RUN/steering/fit_NNN.safetensors   what iteration NNN fitted, before the update rule
     RUN/figures/                     plotly pages rewritten after every iteration
@@ -50,6 +51,7 @@ PAIRS = "pairs.jsonl"
 BASE_HELDOUT = "heldout_base.jsonl"
 METRICS = "metrics.csv"
 ANALYSIS_METRICS = "analysis_metrics.csv"
+LOGIT_LENS = "logit_lens.csv"
 STEERING = "steering"
 FIGURES = "figures"
 LOCK = ".lock"
@@ -94,6 +96,11 @@ class RunFolder:
     @property
     def analysis_metrics_path(self) -> Path:
         return self.path / ANALYSIS_METRICS
+
+    @property
+    def logit_lens_path(self) -> Path:
+        """The analysis callbacks' logit-lens readings: iteration, layer, rank, promoted/suppressed token, logit."""
+        return self.path / LOGIT_LENS
 
     @property
     def base_path(self) -> Path:

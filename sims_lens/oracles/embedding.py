@@ -131,3 +131,39 @@ class EmbeddingSimilarity:
         check_inputs(prompts, responses, self.name)
         flat = self.score_texts([r for group in responses for r in group])
         return regroup(flat, responses)
+
+
+@register_oracle("relevance")
+@dataclass
+class PromptRelevance:
+    """Cosine similarity of each response's sentence embedding to its own prompt's: on-topic answers score high.
+
+    A sentiment oracle alone rewards cheerful answers whatever they say; adding this term to a
+    composite rewards staying on the question. Settings: ``model_path`` (a local encoder folder;
+    empty: the packaged all-MiniLM-L6-v2), ``batch_size``, ``max_length``, ``device``.
+    """
+
+    name: ClassVar[str] = "relevance"
+    relative: ClassVar[bool] = False
+    """Scores compare across calls (prompts, iterations): an absolute oracle."""
+    model_path: str = ""
+    batch_size: int = 32
+    max_length: int = 256
+    device: str = "cpu"
+    encoder: EmbeddingSimilarity = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.encoder = EmbeddingSimilarity(
+            model_path=self.model_path, batch_size=self.batch_size, max_length=self.max_length, device=self.device
+        )
+
+    def score(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> list[list[float]]:
+        check_inputs(prompts, responses, self.name)
+        if not prompts:
+            return []
+        prompt_vectors = self.encoder.embed(list(prompts))
+        flat = [r if r.strip() else " " for group in responses for r in group]  # an empty answer still embeds
+        response_vectors = self.encoder.embed(flat) if flat else torch.zeros(0, prompt_vectors.shape[1])
+        owner = torch.tensor([i for i, group in enumerate(responses) for _ in group], dtype=torch.long)
+        similarity = (response_vectors * prompt_vectors[owner]).sum(-1)
+        return regroup([float(v) for v in similarity], responses)

@@ -67,3 +67,28 @@ def test_out_pointing_at_a_file_is_refused(tmp_path, capsys):
     target.write_text("x")
     assert main(["run", "--out", str(target), "--set", "iterations=1"]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_seeds_parse_lists_and_ranges():
+    from sims_lens.cli_run import parse_seeds
+
+    assert parse_seeds("0,1,2") == [0, 1, 2] and parse_seeds("0-4") == [0, 1, 2, 3, 4] and parse_seeds(None) == []
+    for bad in ("a", "1,1", "2-x"):
+        with pytest.raises(ValueError, match="--seeds"):
+            parse_seeds(bad)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["eval", "{tmp}/nothing", "--out", "{tmp}/e"],
+            "is not a run folder (no config.toml) and holds no seed_* runs",
+        ),
+        (["run", "--out", "{tmp}/r", "--seeds", "0,0"], "lists a seed twice"),
+    ],
+)
+def test_eval_and_seeds_bad_input_is_one_clear_error(tmp_path, capsys, argv, message):
+    code = main([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1

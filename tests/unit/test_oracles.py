@@ -50,7 +50,14 @@ def pref4(judge):
 
 
 def test_registry_names_and_protocol(judge):
-    assert ORACLES.names() == ["composite", "embedding_similarity", "lexicon_sentiment", "reward_model", "self_judge"]
+    assert ORACLES.names() == [
+        "composite",
+        "embedding_similarity",
+        "lexicon_sentiment",
+        "relevance",
+        "reward_model",
+        "self_judge",
+    ]
     assert isinstance(judge, Oracle) and judge.name == "self_judge"
     lexicon = make_oracle("lexicon_sentiment")
     assert isinstance(lexicon, Oracle) and lexicon.name == "lexicon_sentiment"
@@ -400,6 +407,19 @@ def test_embedding_similarity_on_a_tiny_encoder(encoder_folder):
     bad = emb.embed(["Bad."])[0]
     expected = [s - float(v @ bad) for s, v in zip(scores, vectors, strict=True)]
     assert torch.allclose(torch.tensor(contrast.score(["q"], [texts])[0]), torch.tensor(expected), atol=1e-5)
+
+
+def test_relevance_is_the_cosine_of_prompt_and_response_embeddings(encoder_folder):
+    relevance = make_oracle("relevance", {"model_path": encoder_folder, "batch_size": 2})
+    prompts = ["Tell me about the sea.", "What time is it?"]
+    groups = [["Tell me about the sea.", "Good, bad, great."], ["The quick brown fox."]]
+    scores = relevance.score(prompts, groups)
+    assert scores[0][0] == pytest.approx(1.0, abs=1e-5)  # a response identical to its prompt
+    p, r = relevance.encoder.embed(prompts), relevance.encoder.embed([t for g in groups for t in g])
+    expected = [[float(r[0] @ p[0]), float(r[1] @ p[0])], [float(r[2] @ p[1])]]
+    assert torch.allclose(torch.tensor(scores[0]), torch.tensor(expected[0]), atol=1e-5)
+    assert scores[1][0] == pytest.approx(expected[1][0], abs=1e-5)
+    assert not relevance.relative
 
 
 def test_embedding_similarity_errors(tmp_path):

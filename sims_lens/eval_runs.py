@@ -1,0 +1,385 @@
+"""``sims-lens eval``: every iteration's policy of one or more runs against baselines, with intervals.
+
+All policies answer the same held-out prompts with the same sampling seed (paired samples):
+
+- ``base``: the unsteered model; ``iter_001`` .. ``iter_T``: the run's policy after each iteration;
+- ``prompting``: the base model with a system prompt asking for the target behaviour;
+- ``best_of_k``: K base-model samples per answer, the training oracle keeps its favourite
+  (K times the inference compute: ``samples_per_answer``);
+- ``static_first``: iteration 1's fit alone (steering without iterating);
+- ``static_all``: one fit on every pair the run collected (``pairs.jsonl``): the same data without
+  self-improvement, which separates "iterating helps" from "more pairs help".
+
+Metrics per response (ARCHITECTURE.md, "Evaluation against baselines"): ``reward`` (the training
+oracle), ``reference_reward`` (an oracle not used for training), ``relevance`` (cosine of MiniLM
+sentence embeddings of prompt and response), ``perplexity_under_base`` (token-weighted),
+``response_length``, ``distinct_2``, ``win_rate_vs_base`` (paired, training oracle) and
+``samples_per_answer``. Each gets a 95% bootstrap interval over prompts, and over runs as well in the
+pooled ``all`` rows; ``reward_change`` is each iteration's paired change from the one before.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sims_lens.chat import Exchange, encode_chat, end_token_ids
+from sims_lens.config import SimsConfig
+from sims_lens.contrast import Pair, Sample, Selection
+from sims_lens.evaluation import response_nll
+from sims_lens.generation import GenerationSettings, decode_response, generate_ids
+from sims_lens.groups import chunked
+from sims_lens.loop import Batch
+from sims_lens.oracles import is_relative, make_oracle
+from sims_lens.prompts import Prompt, load_prompts
+from sims_lens.run import sims_from_config
+from sims_lens.run_folder import RunFolder
+from sims_lens.seeds import derive_seed
+from sims_lens.stats import Estimate, bootstrap_ratio, distinct_n, paired_difference, win_outcomes
+from sims_lens.steering.functions import SteeringSet
+from sims_lens.steering.hooks import apply_steering
+
+EVAL_COLUMNS = ["policy", "run", "seed", "metric", "value", "ci_low", "ci_high"]
+BASELINES = ("prompting", "best_of_k", "static_first", "static_all")
+DEFAULT_SYSTEM_PROMPT = "Answer in a warm, positive, upbeat and encouraging tone."
+"""The ``prompting`` baseline's system prompt; it suits the demo's sentiment goal (set your own)."""
+EVAL_FILE = "eval.csv"
+SAMPLES_FILE = "samples.jsonl"
+
+
+@dataclass
+class EvalSettings:
+    """What ``sims-lens eval`` is asked for; None means "as the run was configured"."""
+
+    prompts: str | None = None
+    samples: int | None = None
+    reference_oracle: str | None = None
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    n_boot: int = 2000
+
+
+@dataclass
+class Answers:
+    """One policy's answers to the held-out prompts: ``[prompt][sample]`` grids of per-response values."""
+
+    policy: str
+    responses: list[list[str]]
+    exchanges: list[list[Exchange]]
+    samples_per_answer: int = 1
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per-response metrics, each ``[n_prompts, n_samples]``: reward, nll, length, ..."""
+
+
+def evaluate_runs(
+    run_dirs: Sequence[str | Path],
+    out: str | Path,
+    model: Any,
+    tokenizer: Any,
+    settings: EvalSettings,
+    *,
+    oracle: Any = None,
+    relevance: Any = None,
+) -> pd.DataFrame:
+    """Evaluate every run's policies and the baselines; write ``eval.csv`` and ``samples.jsonl`` into ``out``.
+
+    ``oracle`` (default: the runs' training oracle) and ``relevance`` (default: the ``relevance``
+    oracle, prompt-response cosine with the packaged MiniLM) can be handed in.
+    """
+    folders = [RunFolder(path) for path in run_dirs]
+    configs = [_check_run(folder) for folder in folders]
+    _check_comparable(folders, configs)
+    first = configs[0]
+    prompts = _prompts(first, settings)
+    if oracle is None:
+        oracle = make_oracle(first.oracle, first.oracle_settings(), model=model, tokenizer=tokenizer)
+    reference_name = settings.reference_oracle if settings.reference_oracle is not None else first.reference_oracle
+    reference = (
+        make_oracle(reference_name, first.oracles.get(reference_name, {}), model=model, tokenizer=tokenizer)
+        if reference_name
+        else None
+    )
+    if relevance is None:
+        relevance = make_oracle("relevance")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    per_run: dict[str, dict[str, Answers]] = {}
+    records: list[dict[str, Any]] = []
+    for folder, config in zip(folders, configs, strict=True):
+        answers = _answer_all(folder, config, prompts, model, tokenizer, oracle, settings)
+        for policy in answers.values():
+            _score(policy, prompts, model, tokenizer, oracle, reference, relevance)
+        _win_rates(answers, prompts, oracle)
+        per_run[folder.path.name] = answers
+        records += _records(folder.path.name, config.seed, prompts, answers)
+    frame = _estimates(per_run, {f.path.name: c.seed for f, c in zip(folders, configs, strict=True)}, settings)
+    frame.to_csv(out / EVAL_FILE, index=False)
+    (out / SAMPLES_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return frame
+
+
+# -- the policies -------------------------------------------------------------------------------
+def _answer_all(
+    folder: RunFolder,
+    config: SimsConfig,
+    prompts: Sequence[Prompt],
+    model: Any,
+    tokenizer: Any,
+    oracle: Any,
+    settings: EvalSettings,
+) -> dict[str, Answers]:
+    """Every policy's answers for one run, base first, then iterations, then baselines."""
+    samples = settings.samples or config.eval_samples_per_prompt
+    generation = GenerationSettings(
+        config.max_new_tokens, config.temperature, config.top_p, max(config.batch_size, 32), True
+    )
+    seed = derive_seed(config.seed, "eval")
+    answer = _Answerer(model, tokenizer, prompts, samples, generation, seed)
+    out = {"base": answer("base", None)}
+    for t in folder.steering_iterations("policy"):
+        out[f"iter_{t:03d}"] = answer(f"iter_{t:03d}", folder.load_steering(t, "policy", model))
+    out["prompting"] = answer("prompting", None, system=settings.system_prompt)
+    out["best_of_k"] = _best_of_k(answer, oracle, prompts, config.samples_per_prompt)
+    first_fit = folder.load_steering(1, "fit", model)
+    if first_fit is not None:
+        out["static_first"] = answer("static_first", first_fit)
+    static = _fit_on_all_pairs(folder, config, model, tokenizer)
+    if static is not None:
+        out["static_all"] = answer("static_all", static)
+    return out
+
+
+@dataclass
+class _Answerer:
+    model: Any
+    tokenizer: Any
+    prompts: Sequence[Prompt]
+    samples: int
+    generation: GenerationSettings
+    seed: int
+
+    def __call__(
+        self, policy: str, steering: SteeringSet | None, system: str | None = None, repeats: int = 1, stream: str = ""
+    ) -> Answers:
+        """``samples * repeats`` answers per prompt, sampled with the shared seed (paired across policies)."""
+        per_prompt = self.samples * repeats
+        ids = [encode_chat(self.tokenizer, p.text, system) for p in self.prompts for _ in range(per_prompt)]
+        active = apply_steering(self.model, steering) if steering is not None and len(steering) else nullcontext()
+        with active:
+            exchanges = generate_ids(
+                self.model,
+                self.tokenizer,
+                ids,
+                self.generation,
+                seed=derive_seed(self.seed, stream) if stream else self.seed,
+            )
+        responses = [decode_response(self.tokenizer, ex) for ex in exchanges]
+        return Answers(policy, chunked(responses, per_prompt), chunked(exchanges, per_prompt))
+
+
+def _best_of_k(answer: _Answerer, oracle: Any, prompts: Sequence[Prompt], k: int) -> Answers:
+    """K base samples per answer; the oracle ranks each answer's K candidates and keeps its first choice."""
+    pool = answer("best_of_k", None, repeats=k, stream="best_of_k")
+    responses, exchanges = [], []
+    for prompt, texts, exs in zip(prompts, pool.responses, pool.exchanges, strict=True):
+        candidates = chunked(texts, k)
+        scores = oracle.score([prompt.text] * len(candidates), candidates)
+        best = [best_of_k_choice(s) for s in scores]
+        responses.append([group[b] for group, b in zip(candidates, best, strict=True)])
+        exchanges.append([group[b] for group, b in zip(chunked(exs, k), best, strict=True)])
+    return Answers("best_of_k", responses, exchanges, samples_per_answer=k)
+
+
+def best_of_k_choice(scores: Sequence[float]) -> int:
+    """The candidate the oracle prefers (the first of tied best scores)."""
+    return int(np.argmax(np.asarray(scores, dtype=float)))
+
+
+def _fit_on_all_pairs(folder: RunFolder, config: SimsConfig, model: Any, tokenizer: Any) -> SteeringSet | None:
+    """``static_all``: the run's learner fitted once on every pair of ``pairs.jsonl`` (base activations)."""
+    records = folder.read_pairs()
+    if len(records) < 2:
+        return None
+    by_key = {(r["iteration"], r["prompt_id"], int(r.get("index", 0))): r for r in folder.read_samples()}
+
+    def sample(pid: str, side: dict[str, Any]) -> Sample:
+        record = by_key[(int(side["iteration"]), pid, int(side["index"]))]
+        exchange = Exchange(tuple(encode_chat(tokenizer, record["prompt"])), tuple(record["response_ids"]))
+        return Sample(record["iteration"], pid, record["prompt"], record["response"], exchange, float(record["reward"]))
+
+    pairs = [Pair(sample(r["prompt_id"], r["positive"]), sample(r["prompt_id"], r["negative"])) for r in records]
+    sims = sims_from_config(config, progress=False, model=model, tokenizer=tokenizer)
+    layers = folder.read_state().get("layers") or []
+    hooks = config.hook_names(layers)
+    selection = Selection(pairs, 0, len(pairs))
+    positives, negatives = sims.capture(0, selection, hooks)
+    return sims.fit(0, Batch([], [], selection, hooks, positives, negatives))
+
+
+# -- scoring ------------------------------------------------------------------------------------
+def _score(
+    answers: Answers,
+    prompts: Sequence[Prompt],
+    model: Any,
+    tokenizer: Any,
+    oracle: Any,
+    reference: Any,
+    relevance: Any,
+) -> None:
+    """Fill ``answers.values`` with every per-response metric."""
+    texts = [p.text for p in prompts]
+    flat = [ex for row in answers.exchanges for ex in row]
+    shape = (len(prompts), len(answers.responses[0]))
+    values = answers.values
+    values["reward"] = np.asarray(oracle.score(texts, answers.responses), dtype=float)
+    if is_relative(oracle):  # ranks within one group: their mean is not a reward level
+        values["reward"] = np.full(shape, np.nan)
+    if reference is not None and not is_relative(reference):
+        values["reference_reward"] = np.asarray(reference.score(texts, answers.responses), dtype=float)
+    values["relevance"] = np.asarray(relevance.score(texts, answers.responses), dtype=float)
+    nll = response_nll(model, flat, int(tokenizer.pad_token_id))
+    lengths = [len(ex.response_ids) for ex in flat]
+    values["nll_sum"] = (np.asarray(nll) * np.asarray(lengths)).reshape(shape)
+    values["tokens"] = np.asarray(lengths, dtype=float).reshape(shape)
+    values["response_length"] = values["tokens"]
+    ends = set(end_token_ids(tokenizer))
+    content = [[t for t in ex.response_ids if t not in ends] for ex in flat]
+    values["distinct_2"] = np.asarray([distinct_n(c, 2) for c in content]).reshape(shape)
+
+
+def _win_rates(answers: dict[str, Answers], prompts: Sequence[Prompt], oracle: Any) -> None:
+    """Per-response win indicator against the base answer with the same sample index (joint scoring)."""
+    base = answers["base"]
+    texts = [p.text for p in prompts]
+    for name, policy in answers.items():
+        if name == "base":
+            continue
+        s = len(base.responses[0])
+        joint = oracle.score(texts, [b + p for b, p in zip(base.responses, policy.responses, strict=True)])
+        scores = np.asarray(joint, dtype=float)
+        policy.values["win"] = win_outcomes(scores[:, s:], scores[:, :s])
+
+
+# -- estimates ------------------------------------------------------------------------------------
+def _estimates(per_run: dict[str, dict[str, Answers]], seeds: dict[str, int], settings: EvalSettings) -> pd.DataFrame:
+    """Tidy rows: one per (policy, run, metric), plus pooled ``all`` rows when several runs are given."""
+    rows: list[dict[str, Any]] = []
+    runs = list(per_run)
+    policies = list(dict.fromkeys(name for answers in per_run.values() for name in answers))
+    groups = [(run, [run]) for run in runs] + ([("all", runs)] if len(runs) > 1 else [])
+    for label, members in groups:
+        seed: Any = seeds.get(label, "")
+        for policy in policies:
+            if not all(policy in per_run[r] for r in members):
+                continue
+            stack = [per_run[r][policy] for r in members]
+            for metric, estimate in _policy_estimates(stack, settings).items():
+                rows.append(_row(policy, label, seed, metric, estimate))
+        iterations = sorted(p for p in policies if p.startswith("iter_"))
+        for previous, current in zip(["base", *iterations], iterations, strict=False):
+            for metric in ("reward", "reference_reward"):
+                a = _per_prompt([per_run[r][current] for r in members], metric)
+                b = _per_prompt([per_run[r][previous] for r in members], metric)
+                if a is None or b is None or np.isnan(a).all():
+                    continue
+                estimate = paired_difference(a, b, n_boot=settings.n_boot, seed=derive_seed(0, label, current, metric))
+                rows.append(_row(current, label, seed, f"{metric}_change", estimate))
+    return pd.DataFrame(rows, columns=EVAL_COLUMNS)
+
+
+def _policy_estimates(stack: list[Answers], settings: EvalSettings) -> dict[str, Estimate]:
+    def boot(num: np.ndarray, den: np.ndarray | None = None, transform: Any = None, tag: str = "") -> Estimate:
+        return bootstrap_ratio(
+            num, den, transform=transform, n_boot=settings.n_boot, seed=derive_seed(0, stack[0].policy, tag)
+        )
+
+    out: dict[str, Estimate] = {}
+    for metric in ("reward", "reference_reward", "relevance", "response_length", "distinct_2"):
+        values = _per_prompt(stack, metric)
+        if values is not None and not np.isnan(values).all():
+            out[metric] = boot(values, tag=metric)
+    nll, tokens = _per_prompt(stack, "nll_sum", total=True), _per_prompt(stack, "tokens", total=True)
+    assert nll is not None and tokens is not None
+    out["perplexity_under_base"] = boot(nll, tokens, transform=np.exp, tag="perplexity")
+    wins = _per_prompt(stack, "win")
+    if wins is not None:
+        out["win_rate_vs_base"] = boot(wins, tag="win")
+    k = float(stack[0].samples_per_answer)
+    out["samples_per_answer"] = Estimate(k, k, k)
+    return out
+
+
+def _per_prompt(stack: list[Answers], metric: str, total: bool = False) -> np.ndarray | None:
+    """``[n_runs, n_prompts]``: each prompt's mean (or sum) of a metric over its samples."""
+    if any(metric not in a.values for a in stack):
+        return None
+    grids = [a.values[metric] for a in stack]
+    return np.stack([g.sum(axis=1) if total else g.mean(axis=1) for g in grids])
+
+
+def _row(policy: str, run: str, seed: Any, metric: str, estimate: Estimate) -> dict[str, Any]:
+    return {
+        "policy": policy,
+        "run": run,
+        "seed": seed,
+        "metric": metric,
+        "value": estimate.value,
+        "ci_low": estimate.ci_low,
+        "ci_high": estimate.ci_high,
+    }
+
+
+def _records(run: str, seed: int, prompts: Sequence[Prompt], answers: dict[str, Answers]) -> list[dict[str, Any]]:
+    """``samples.jsonl``: every response with its scores."""
+    out = []
+    for name, policy in answers.items():
+        for i, prompt in enumerate(prompts):
+            for j, response in enumerate(policy.responses[i]):
+                record: dict[str, Any] = {"policy": name, "run": run, "seed": seed, "prompt_id": prompt.id, "sample": j}
+                record["response"] = response
+                for metric in ("reward", "reference_reward", "relevance", "response_length", "distinct_2", "win"):
+                    if metric in policy.values:
+                        value = float(policy.values[metric][i, j])
+                        record[metric] = None if np.isnan(value) else value
+                record["nll"] = float(policy.values["nll_sum"][i, j] / max(policy.values["tokens"][i, j], 1.0))
+                out.append(record)
+    return out
+
+
+# -- inputs -------------------------------------------------------------------------------------------
+def _check_run(folder: RunFolder) -> SimsConfig:
+    if not folder.path.is_dir():
+        raise ValueError(f"run folder {folder.path} does not exist")
+    config = folder.read_config()
+    if not folder.steering_iterations("policy"):
+        raise ValueError(f"{folder.path} has no finished iteration; run at least one before evaluating it")
+    return config
+
+
+def _check_comparable(folders: Sequence[RunFolder], configs: Sequence[SimsConfig]) -> None:
+    """Runs pooled into one estimate must differ in their seed only (same model, oracle, prompts, settings)."""
+    names = [f.path.name for f in folders]
+    if len(set(names)) != len(names):
+        raise ValueError(f"run folders must have different names to be told apart in eval.csv, got {names}")
+    first = {k: v for k, v in vars(configs[0]).items() if k not in ("seed", "iterations")}
+    for folder, config in zip(folders[1:], configs[1:], strict=True):
+        other = {k: v for k, v in vars(config).items() if k not in ("seed", "iterations")}
+        changed = sorted(k for k in first if first[k] != other[k])
+        if changed:
+            raise ValueError(
+                f"{folder.path} differs from {folders[0].path} in {', '.join(changed)}; pool only runs that differ "
+                "in their seed (evaluate the others separately)"
+            )
+
+
+def _prompts(config: SimsConfig, settings: EvalSettings) -> list[Prompt]:
+    if settings.prompts is not None:
+        return load_prompts(settings.prompts)
+    source = config.heldout_prompts
+    return load_prompts(source, "heldout" if source == "builtin" else None)[: config.heldout_size]

@@ -1,0 +1,129 @@
+"""``sims-lens eval`` on tiny runs: every policy and baseline, tidy intervals, pooled seeds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from test_loop import LetterOracle, tiny_sims
+
+from sims_lens.eval_runs import (
+    BASELINES,
+    EVAL_COLUMNS,
+    Answers,
+    EvalSettings,
+    _best_of_k,
+    best_of_k_choice,
+    evaluate_runs,
+)
+from sims_lens.prompts import Prompt
+from sims_lens.run import RunWriter
+from sims_lens.run_folder import open_run
+
+
+class FakeRelevance:
+    """Stands in for the MiniLM relevance oracle in unit tests: shared letters of prompt and response."""
+
+    name = "relevance"
+
+    def score(self, prompts, responses):
+        return [
+            [len(set(p) & set(r)) / max(len(set(p)), 1) for r in g] for p, g in zip(prompts, responses, strict=True)
+        ]
+
+
+def _make_run(tiny, out: Path, seed: int) -> Path:
+    sims = tiny_sims(tiny, seed=seed)
+    folder, _, _ = open_run(out, sims.config, resume=False)
+    sims.callbacks = [RunWriter(folder, sims.model)]
+    list(sims.iterate())
+    return out
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    runs = [_make_run(tiny, root / f"seed_{s}", s) for s in (0, 1)]
+    model, tok = tiny
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"h{i}", "prompt": t}) + "\n" for i, t in enumerate(["Hi", "Why?"])))
+    settings = EvalSettings(prompts=str(prompts), samples=2, n_boot=200)
+    frame = evaluate_runs(runs, root / "out", model, tok, settings, oracle=LetterOracle(), relevance=FakeRelevance())
+    return frame, root / "out"
+
+
+def test_every_policy_and_baseline_is_evaluated_with_intervals(evaluated):
+    frame, out = evaluated
+    assert list(frame.columns) == EVAL_COLUMNS
+    assert list(pd.read_csv(out / "eval.csv").columns) == EVAL_COLUMNS
+    policies = set(frame["policy"])
+    assert {"base", "iter_001", "iter_002", *BASELINES} <= policies
+    for metric in ["reward", "relevance", "perplexity_under_base", "response_length", "distinct_2"]:
+        assert set(frame[frame["metric"] == metric]["policy"]) == policies, metric
+    assert "base" not in set(frame[frame["metric"] == "win_rate_vs_base"]["policy"])
+    finite = frame.dropna(subset=["value"])
+    assert (finite["ci_low"] <= finite["value"] + 1e-9).all() and (finite["value"] <= finite["ci_high"] + 1e-9).all()
+    cost = frame[frame["metric"] == "samples_per_answer"].set_index(["policy", "run"])["value"]
+    assert cost[("best_of_k", "all")] == 3 and cost[("base", "all")] == 1  # K = samples_per_prompt = 3
+
+
+def test_pooled_rows_cover_both_seeds_and_changes_are_paired(evaluated):
+    frame, _ = evaluated
+    assert set(frame["run"]) == {"seed_0", "seed_1", "all"}
+    assert set(frame[frame["run"] == "all"]["seed"].astype(str)) <= {"", "nan"}
+    changes = frame[(frame["metric"] == "reward_change") & (frame["run"] == "all")]
+    assert list(changes["policy"]) == ["iter_001", "iter_002"]
+    pivot = frame[(frame["metric"] == "reward") & (frame["run"] == "all")].set_index("policy")["value"]
+    assert changes.iloc[0]["value"] == pytest.approx(pivot["iter_001"] - pivot["base"])
+
+
+def test_static_first_is_iteration_one_under_accumulate(evaluated):
+    frame, _ = evaluated
+    rows = frame[frame["metric"].isin(["reward", "perplexity_under_base"])].set_index(["policy", "run", "metric"])
+    for run in ("seed_0", "seed_1"):
+        for metric in ("reward", "perplexity_under_base"):
+            assert rows.loc[("static_first", run, metric), "value"] == pytest.approx(
+                rows.loc[("iter_001", run, metric), "value"]
+            )
+
+
+def test_samples_file_has_every_response_with_its_scores(evaluated):
+    frame, out = evaluated
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    n_policies = len(set(frame[frame["run"] == "seed_0"]["policy"]))
+    assert len(records) == 2 * n_policies * 2 * 2  # runs x policies x prompts x samples
+    assert {"policy", "run", "seed", "prompt_id", "sample", "response", "reward", "relevance", "nll"} <= set(records[0])
+
+
+def test_best_of_k_keeps_the_oracles_first_choice():
+    assert best_of_k_choice([0.1, 0.9, 0.3]) == 1
+    assert best_of_k_choice([0.5, 0.5, 0.2]) == 0  # ties: the first
+
+    class Pool:
+        def __call__(self, policy, steering, system=None, repeats=1, stream=""):
+            texts = [["eee", "x", "ee", "xyz"]]  # one prompt, 2 answers x K=2 candidates
+            return Answers(policy, texts, [[None] * 4])  # type: ignore[list-item]
+
+    chosen = _best_of_k(Pool(), LetterOracle(), [Prompt("p", "q")], k=2)  # type: ignore[arg-type]
+    assert chosen.responses == [["eee", "ee"]] and chosen.samples_per_answer == 2
+
+
+def test_runs_that_differ_in_more_than_the_seed_are_not_pooled(tiny, tmp_path: Path):
+    a = _make_run(tiny, tmp_path / "a", 0)
+    sims = tiny_sims(tiny, seed=1, multiplier=2.0)
+    folder, _, _ = open_run(tmp_path / "b", sims.config, resume=False)
+    sims.callbacks = [RunWriter(folder, sims.model)]
+    list(sims.iterate())
+    model, tok = tiny
+    with pytest.raises(ValueError, match=r"differs .* in multiplier"):
+        evaluate_runs(
+            [a, tmp_path / "b"],
+            tmp_path / "out",
+            model,
+            tok,
+            EvalSettings(),
+            oracle=LetterOracle(),
+            relevance=FakeRelevance(),
+        )
