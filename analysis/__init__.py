@@ -2,11 +2,17 @@
 
 - :mod:`analysis.geometry`: cosines of steering directions across iterations and layers, drift, norms
 - :mod:`analysis.separability`: probe accuracy and Fisher ratio of H+ vs H- per layer
-- :mod:`analysis.logit_lens`: the tokens a direction promotes and suppresses through the unembedding
-- :mod:`analysis.figures`: plotly figures and ``RUN/figures/index.html``
-- :mod:`analysis.live`: the loop callback that records metrics and rewrites the figures every iteration
+- :mod:`analysis.observed`: every observed layer of an iteration: candidate direction (mean(H+) - mean(H-)),
+  its drift, separability with its null, layer x layer cosines, a 2-D view of H+ and H-
+- :mod:`analysis.logit_lens`: the tokens a direction promotes and suppresses through the unembedding;
+  ``RUN/logit_lens.csv``
+- :mod:`analysis.figures`: plotly figures, the logit-lens table and ``RUN/figures/index.html``
+- :mod:`analysis.live`: the loop callback that records metrics (and, given the model, the logit lens)
+  and rewrites the figures every iteration
+- :mod:`analysis.watch`: ``refresh(run_dir)``: the latest metrics and figures of a run in progress (notebooks)
 - :mod:`analysis.report`: figures and the held-out summary rebuilt from a run folder alone
-- :mod:`analysis.ablations`: held-out reward per layer, per left-out layer and per multiplier
+- :mod:`analysis.ablations`: held-out reward per layer, per left-out layer and per multiplier; the layer
+  sweep (each observed layer steered alone with its candidate)
 - :mod:`analysis.eval_report`: ``sims-lens eval``'s figures, summary table and ``index.html``
 - :mod:`analysis.run_data`, :mod:`analysis.small_run`, :mod:`analysis.make_figures`:
   reading a run folder, making a small one, the README figures (plotly's static export, kaleido)

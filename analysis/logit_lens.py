@@ -5,12 +5,18 @@
 to the residual stream, and a constant offset would rank the same tokens first for every direction.
 With the norm (RMSNorm / LayerNorm) the values are those of a unit-scale residual along ``v``, so
 they do not grow with the direction's norm; without it they scale linearly with ``v``.
+
+The live analysis reads every observed layer's candidate direction this way after each iteration
+and keeps the table in ``RUN/logit_lens.csv`` (:data:`LENS_COLUMNS`, :func:`lens_rows`,
+:func:`replace_lens`, :func:`read_lens`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -18,7 +24,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from sims_lens.run_folder import RunFolder
 from sims_lens.steering.functions import SteeringSet, layer_of
+
+LENS_COLUMNS = ["iteration", "layer", "direction", "rank", "sign", "token", "logit"]
+"""``RUN/logit_lens.csv``: per iteration, layer and direction (``candidate``: mean(H+) - mean(H-) of
+the observed layer), the ``rank``-th (1 = strongest) token it ``promoted`` / ``suppressed`` and its logit."""
+LENS_K = 5
+"""Tokens per side the live analysis keeps."""
 
 
 @dataclass
@@ -94,6 +107,86 @@ def steering_lens(
     if not frames:
         return pd.DataFrame(columns=["hook", "layer", "side", "rank", "token", "value"])
     return pd.concat(frames, ignore_index=True)
+
+
+def lens_rows(
+    model: Any,
+    iteration: int,
+    directions: Mapping[str, Tensor],
+    *,
+    k: int = LENS_K,
+    tokenizer: Any = None,
+    direction: str = "candidate",
+    apply_ln: bool = True,
+) -> pd.DataFrame:
+    """:func:`logit_lens` of each hook's direction as rows of :data:`LENS_COLUMNS` (rank 1 = strongest)."""
+    rows = []
+    for hook, vector in directions.items():
+        reading = logit_lens(model, vector, k, tokenizer, apply_ln)
+        for sign, pairs in (("promoted", reading.promoted), ("suppressed", reading.suppressed)):
+            rows += [
+                {
+                    "iteration": int(iteration),
+                    "layer": layer_of(hook),
+                    "direction": direction,
+                    "rank": rank,
+                    "sign": sign,
+                    "token": token,
+                    "logit": value,
+                }
+                for rank, (token, value) in enumerate(pairs, start=1)
+            ]
+    return _lens_frame(pd.DataFrame(rows, columns=LENS_COLUMNS))
+
+
+def read_lens(run_dir: str | Path) -> pd.DataFrame:
+    """``RUN/logit_lens.csv`` (:data:`LENS_COLUMNS`) without rows of unfinished iterations; empty if none.
+
+    Tokens are read verbatim (an empty token, ``"nan"`` or ``"NA"`` stay strings).
+    """
+    folder = RunFolder(run_dir)
+    frame = _read_lens_file(folder.logit_lens_path)
+    if folder.state_path.is_file():
+        frame = frame[frame["iteration"] <= folder.completed_iterations]
+    return frame.reset_index(drop=True)
+
+
+def replace_lens(run_dir: str | Path, frame: pd.DataFrame) -> Path:
+    """Write ``frame``'s rows to ``RUN/logit_lens.csv``, replacing the rows of the iterations it holds."""
+    folder = RunFolder(run_dir)
+    folder.path.mkdir(parents=True, exist_ok=True)
+    new = _lens_frame(frame)
+    path = folder.logit_lens_path
+    old = _read_lens_file(path)
+    old = old[~old["iteration"].isin(set(new["iteration"]))]
+    parts = [f for f in (old, new) if len(f)]
+    out = pd.concat(parts, ignore_index=True) if parts else new
+    order = {"promoted": 0, "suppressed": 1}
+    out = out.sort_values(
+        ["iteration", "layer", "direction", "sign", "rank"], key=lambda c: c.map(order) if c.name == "sign" else c
+    )
+    tmp = path.with_name(f".{path.name}.tmp")
+    out.astype({"layer": "Int64"}).to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def _read_lens_file(path: Path) -> pd.DataFrame:
+    if not path.is_file() or path.stat().st_size == 0:
+        return _lens_frame(pd.DataFrame(columns=LENS_COLUMNS))
+    text_columns = {"direction": str, "sign": str, "token": str}
+    return _lens_frame(pd.read_csv(path, dtype=text_columns, keep_default_na=False))
+
+
+def _lens_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.reindex(columns=LENS_COLUMNS).copy()
+    for column in ("iteration", "rank"):
+        frame[column] = pd.to_numeric(frame[column]).astype("int64")
+    frame["layer"] = pd.to_numeric(frame["layer"], errors="coerce").astype("float64")
+    frame["logit"] = pd.to_numeric(frame["logit"], errors="coerce").astype("float64")
+    for column in ("direction", "sign", "token"):
+        frame[column] = frame[column].astype(object).where(frame[column].notna(), "").astype(str)
+    return frame
 
 
 def _token(tokenizer: Any, token_id: int) -> str:

@@ -60,7 +60,7 @@ def ensure_run(
         print(f"making a small run in {folder.path} ({config.iterations} iterations, layers {config.layers}) ...")
         sims = sims_from_config(config, progress=progress, model=model, tokenizer=tokenizer)
         sims.state = restore_state(folder, sims)
-        sims.callbacks = [RunWriter(folder, sims.model), *live_callbacks(folder.path)]
+        sims.callbacks = [RunWriter(folder, sims.model), *live_callbacks(folder.path, sims.model, sims.tokenizer)]
         for result in sims.iterate():
             print(f"  iteration {result.iteration}: held-out reward {result.heldout.reward_mean:.3f}")
     return folder.path

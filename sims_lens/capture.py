@@ -7,11 +7,16 @@ finished response, so a finished and a truncated response are both captured over
 tokens alone. Per sample they are reduced to their mean or last token, or kept per token (HPR pairs
 positive and negative tokens position by position). Only the reduced float32 tensors are kept,
 never the full cache.
+
+:func:`capture_activations` also records, in the same forward pass, the per-sample mean over the
+same tokens at further hook points (``mean_hooks``: the layers a run observes for analysis); those
+are reduced inside the forward, so their token activations are never kept at all.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -56,7 +61,90 @@ def captured_length(response_ids: Sequence[int], end_ids: Collection[int]) -> in
     return max(n, min(1, len(response_ids)))
 
 
+@dataclass(frozen=True, eq=False)
+class Capture:
+    """What one capture pass over samples kept (float32, on CPU)."""
+
+    tokens: list[Float[Tensor, "n_tokens n_hooks d_model"]]
+    """Per sample, its captured response tokens at ``hooks``."""
+    means: Float[Tensor, "n_samples n_mean_hooks d_model"]
+    """Per sample, the mean over the same response tokens at ``mean_hooks`` (``n_mean_hooks`` may be 0)."""
+
+
 @torch.no_grad()
+def capture_activations(
+    model: Any,
+    exchanges: Sequence[Exchange],
+    hooks: Sequence[str],
+    pad_id: int,
+    batch_size: int = 16,
+    on_batch: Callable[[int], None] | None = None,
+    *,
+    end_ids: Collection[int] = (),
+    mean_hooks: Sequence[str] = (),
+) -> Capture:
+    """Per sample, its response tokens at ``hooks`` and their mean at ``mean_hooks``, in one forward pass.
+
+    Both cover the same tokens (:func:`captured_length`: with ``end_ids`` the trailing end tokens are
+    left out; the default keeps every token). ``hooks`` are cached for the batch and cut to the
+    response tokens; a hook in ``mean_hooks`` only is reduced to per-sample means inside the forward,
+    so no token activations are kept for it; a hook in both is captured once, and its mean is that
+    of its captured tokens (equal to ``reduce_tokens(tokens, "mean")``).
+    """
+    hooks, mean_hooks = list(hooks), list(mean_hooks)
+    if not hooks and not mean_hooks:
+        raise ValueError("capture needs at least one hook point")
+    for i, ex in enumerate(exchanges):
+        if not ex.response_ids:
+            raise ValueError(f"sample {i} has an empty response; there are no response tokens to capture")
+    wanted = set(hooks)
+    shared = [(k, hooks.index(h)) for k, h in enumerate(mean_hooks) if h in wanted]
+    alone = [(k, h) for k, h in enumerate(mean_hooks) if h not in wanted]
+    d_model = int(model.cfg.d_model)
+    device = next(model.parameters()).device
+    tokens: list[Tensor] = []
+    means: list[Tensor] = []
+    for chunk, ids, kwargs in padded_batches(exchanges, pad_id, batch_size, device):
+        width = ids.shape[1]
+        spans = [(width - len(ex.response_ids), captured_length(ex.response_ids, end_ids)) for ex in chunk]
+        reduced: dict[int, Tensor] = {}
+        reducers = [(name, _span_means(spans, reduced, k)) for k, name in alone]
+        with model.hooks(fwd_hooks=reducers):
+            _, cache = model.run_with_cache(ids, names_filter=lambda name: name in wanted, **kwargs)
+        if hooks:
+            stacked = torch.stack([cache[h] for h in hooks], dim=2)  # [batch, pos, n_hooks, d_model]
+            chunk_tokens = [stacked[row, start : start + kept].float().cpu() for row, (start, kept) in enumerate(spans)]
+            del stacked
+        else:
+            chunk_tokens = [torch.zeros(kept, 0, d_model) for _, kept in spans]
+        del cache
+        tokens.extend(chunk_tokens)
+        chunk_means = torch.zeros(len(chunk), len(mean_hooks), d_model)
+        if shared:
+            token_means = torch.stack([t.mean(0) for t in chunk_tokens])  # as reduce_tokens(..., "mean")
+            for k, j in shared:
+                chunk_means[:, k] = token_means[:, j]
+        for k, name in alone:
+            if k not in reduced:
+                raise RuntimeError(f"hook point {name!r} did not fire in the forward pass; it cannot be observed")
+            chunk_means[:, k] = reduced[k].cpu()
+        means.append(chunk_means)
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return Capture(tokens, torch.cat(means) if means else torch.zeros(0, len(mean_hooks), d_model))
+
+
+def _span_means(spans: Sequence[tuple[int, int]], out: dict[int, Tensor], key: int) -> Callable[[Tensor, Any], None]:
+    """A read-only forward hook storing, per row, the float32 mean of ``act[row, start : start + kept]``."""
+
+    def hook_fn(act: Tensor, hook: Any) -> None:
+        out[key] = torch.stack(
+            [act[row, start : start + kept].float().mean(0) for row, (start, kept) in enumerate(spans)]
+        )
+
+    return hook_fn
+
+
 def capture_tokens(
     model: Any,
     exchanges: Sequence[Exchange],
@@ -74,24 +162,7 @@ def capture_tokens(
     """
     if not hooks:
         raise ValueError("capture needs at least one hook point")
-    for i, ex in enumerate(exchanges):
-        if not ex.response_ids:
-            raise ValueError(f"sample {i} has an empty response; there are no response tokens to capture")
-    wanted = set(hooks)
-    device = next(model.parameters()).device
-    out: list[Tensor] = []
-    for chunk, ids, kwargs in padded_batches(exchanges, pad_id, batch_size, device):
-        _, cache = model.run_with_cache(ids, names_filter=lambda name: name in wanted, **kwargs)
-        stacked = torch.stack([cache[h] for h in hooks], dim=2)  # [batch, pos, n_hooks, d_model]
-        width = ids.shape[1]
-        for row, ex in enumerate(chunk):
-            start = width - len(ex.response_ids)
-            kept = captured_length(ex.response_ids, end_ids)
-            out.append(stacked[row, start : start + kept].float().cpu())
-        del cache, stacked
-        if on_batch is not None:
-            on_batch(len(chunk))
-    return out
+    return capture_activations(model, exchanges, hooks, pad_id, batch_size, on_batch, end_ids=end_ids).tokens
 
 
 def reduce_tokens(

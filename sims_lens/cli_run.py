@@ -144,7 +144,7 @@ def _run_one(
         sims.callbacks = [
             RunWriter(folder, sims.model),
             TablePrinter(config.oracle, config.reference_oracle),
-            *_analysis_callbacks(folder.path),
+            *_analysis_callbacks(folder.path, sims.model, sims.tokenizer),
         ]
         print(
             f"run folder {folder.path} ({'resuming after iteration ' + str(done) if done else 'new'}); "
@@ -207,13 +207,16 @@ def expand_run_dirs(paths: list[str]) -> list[Path]:
     return out
 
 
-def _analysis_callbacks(run_dir: Path) -> list[Any]:
-    """Analysis plugs in here (the CLI is the only place that wires core and analysis together)."""
+def _analysis_callbacks(run_dir: Path, model: Any, tokenizer: Any) -> list[Any]:
+    """Analysis plugs in here (the CLI is the only place that wires core and analysis together).
+
+    The model goes along for the logit lens of every observed layer's candidate direction.
+    """
     try:
         from analysis.live import live_callbacks
     except ImportError:
         return []
-    return list(live_callbacks(run_dir))
+    return list(live_callbacks(run_dir, model=model, tokenizer=tokenizer))
 
 
 def register(sub: Any) -> None:

@@ -63,6 +63,11 @@ class SimsConfig:
     learner: str = "mean_diff"
     layers: list[int] | str = field(default_factory=lambda: [15])
     hook: str = "hook_resid_post"
+    observe: list[int] | str = "all"
+    """Layers whose D+ / D- activations are recorded every iteration for analysis, at ``hook``: "all"
+    (every layer), a list of layer indices (or "3,15" text), or "none". Captured in the same forward
+    pass as the steered layers, reduced to each sample's mean over its response tokens, and saved as
+    ``observed/iter_NNN.safetensors``; steering and metrics do not depend on it."""
     multiplier: float = 1.0
     update: str = "accumulate"
     update_rate: float | None = None
@@ -149,6 +154,7 @@ class SimsConfig:
         except ValueError as err:
             raise ConfigError(f"positions: {err}") from None
         self.layers = parse_layers(self.layers)
+        self.observe = parse_observe(self.observe)
 
     @property
     def pool_size(self) -> int | None:
@@ -183,14 +189,30 @@ def parse_layers(value: Any) -> list[int] | str:
             k = text[4:]
             _check(k.isdigit() and int(k) >= 1, "layers", value, allowed)
             return f"top:{int(k)}"
-        parts = [p.strip() for p in text.strip("[]").split(",") if p.strip()]
-        _check(bool(parts) and all(p.lstrip("-").isdigit() for p in parts), "layers", value, allowed)
+    return _layer_list(value, "layers", allowed)
+
+
+def parse_observe(value: Any) -> list[int] | str:
+    """``"all"``, ``"none"``, ``[3, 15]`` or ``"3,15"`` (an empty list is ``"none"``)."""
+    allowed = "'all' (every layer), 'none', or a list of layer indices ([3, 15] or '3,15')"
+    if isinstance(value, str) and value.strip() in ("all", "none"):
+        return value.strip()
+    if isinstance(value, list) and not value:
+        return "none"
+    return _layer_list(value, "observe", allowed)
+
+
+def _layer_list(value: Any, key: str, allowed: str) -> list[int]:
+    """A non-empty list of layer indices >= 0 (or its ``"3,15"`` text), sorted, without repeats."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.strip().strip("[]").split(",") if p.strip()]
+        _check(bool(parts) and all(p.lstrip("-").isdigit() for p in parts), key, value, allowed)
         value = [int(p) for p in parts]
     _check(
         isinstance(value, list)
         and bool(value)
         and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value),
-        "layers",
+        key,
         value,
         allowed,
     )
@@ -203,10 +225,25 @@ def resolve_layers(layers: list[int] | str, n_layers: int) -> list[int] | None:
         return list(range(n_layers))
     if isinstance(layers, str):
         return None
+    _check_in_range("layers", layers, n_layers)
+    return list(layers)
+
+
+def resolve_observe(observe: list[int] | str, n_layers: int) -> list[int]:
+    """The observed layers of a model: every layer for ``"all"``, none for ``"none"``, else the list."""
+    observe = parse_observe(observe)
+    if observe == "all":
+        return list(range(n_layers))
+    if isinstance(observe, str):  # "none"
+        return []
+    _check_in_range("observe", observe, n_layers)
+    return list(observe)
+
+
+def _check_in_range(key: str, layers: list[int], n_layers: int) -> None:
     bad = [layer for layer in layers if layer >= n_layers]
     if bad:
-        raise ConfigError(f"layers: {bad} out of range; the model has {n_layers} layers (0-{n_layers - 1})")
-    return list(layers)
+        raise ConfigError(f"{key}: {bad} out of range; the model has {n_layers} layers (0-{n_layers - 1})")
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:

@@ -2,9 +2,10 @@
 
 1. a mini-batch of N prompts; 2. the current policy samples K responses each; 3. the oracle
 scores them; 4. D+ / D- pairs (best vs worst, or contrast sampling from a memory bank); 5. the
-*base* model's response-token activations at the hook points; 6. the learner fits one function
-per layer; 7. the update rule combines it with the previous policy. Then pi_t is evaluated on
-held-out prompts.
+*base* model's response-token activations at the hook points (in the same forward pass, the
+per-sample mean activations at every observed layer, for analysis); 6. the learner fits one
+function per layer; 7. the update rule combines it with the previous policy. Then pi_t is
+evaluated on held-out prompts.
 
 :meth:`Sims.iterate` is the one iteration generator (the CLI and notebooks both drive it);
 callbacks receive every phase and every finished iteration (analysis and the run folder plug in
@@ -19,12 +20,13 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sims_lens.capture import capture_tokens, pair_tokens, reduce_tokens
+from sims_lens.capture import capture_activations, pair_tokens, reduce_tokens
 from sims_lens.chat import Exchange, encode_chat, end_token_ids
-from sims_lens.config import SimsConfig, resolve_layers
+from sims_lens.config import SimsConfig, resolve_layers, resolve_observe
 from sims_lens.contrast import MemoryBank, Sample, Selection, label_samples, select_pairs
 from sims_lens.evaluation import Evaluation, evaluate, head_to_head, heldout_seed
 from sims_lens.generation import GenerationSettings, decode_response, generate_ids
@@ -34,7 +36,7 @@ from sims_lens.oracles.base import is_relative, judges_with_policy
 from sims_lens.prompts import Prompt, iteration_prompts
 from sims_lens.seeds import derive_seed
 from sims_lens.separability import probe_accuracy
-from sims_lens.steering.functions import SteeringSet
+from sims_lens.steering.functions import SteeringSet, layer_of
 from sims_lens.steering.hooks import apply_steering
 from sims_lens.steering.learners import Learner
 from sims_lens.update_rules import apply_update
@@ -48,7 +50,7 @@ class Callback(Protocol):
     """Receives the loop's progress; both methods are optional to implement meaningfully.
 
     Phases: ``base`` (payload ``evaluation``, ``fresh``: whether it was computed now, ``metrics``:
-    its held-out rows), ``sample``, ``select``, ``capture``, ``fit``.
+    its held-out rows), ``sample``, ``select``, ``capture`` (``hooks``, ``observed_hooks``), ``fit``.
     """
 
     def on_phase(self, iteration: int, phase: str, payload: dict[str, Any]) -> None: ...
@@ -67,6 +69,22 @@ class LoopState:
     base_heldout: Evaluation | None = None
 
 
+def _nothing_observed() -> Tensor:
+    return torch.zeros(0, 0, 0)
+
+
+@dataclass(frozen=True, eq=False)
+class PairActivations:
+    """Step 5's output: the base model's activations of D+ and D- (pair i: ``positives[i]``, ``negatives[i]``)."""
+
+    positives: list[Tensor]
+    """Per pair, the positive response's token activations at the steered hooks ``[n_tokens, n_hooks, d_model]``."""
+    negatives: list[Tensor]
+    observed_positives: Tensor
+    """Per pair, the positive response's mean activation at every observed hook ``[n_pairs, n_observed, d_model]``."""
+    observed_negatives: Tensor
+
+
 @dataclass
 class Batch:
     """Steps 1-5 of one iteration: the prompts, their scored samples, D+/D- and its activations."""
@@ -78,9 +96,19 @@ class Batch:
     positives: list[Tensor]
     """Per pair, the positive response's token activations ``[n_tokens, n_hooks, d_model]``."""
     negatives: list[Tensor]
+    observed_hooks: list[str] = field(default_factory=list)
+    """The observed hook points (config ``observe``), whatever the steered ones are."""
+    observed_positives: Tensor = field(default_factory=_nothing_observed)
+    """Per pair, the positive response's mean activation at every observed hook, ``[n_pairs, n_observed, d_model]``."""
+    observed_negatives: Tensor = field(default_factory=_nothing_observed)
+
+    @property
+    def groups(self) -> list[str]:
+        """The prompt id of every pair (the folds of the separability measures are grouped by it)."""
+        return [pair.positive.prompt_id for pair in self.selection.pairs]
 
     def at_layers(self, keep: list[int], hooks: list[str]) -> Batch:
-        """The same batch with the activations of the hooks at positions ``keep`` only."""
+        """The same batch with the activations of the hooks at positions ``keep`` only (observed ones stay)."""
         return replace(
             self,
             hooks=hooks,
@@ -105,6 +133,19 @@ class IterationResult:
     negatives: Tensor
     metrics: list[MetricRow]
     heldout: Evaluation
+    groups: list[str] = field(default_factory=list)
+    """The prompt id of every pair (row i of the activations is ``selection.pairs[i]``)."""
+    observed_hooks: list[str] = field(default_factory=list)
+    """The observed hook points (config ``observe``; empty for ``"none"``)."""
+    observed_positives: Tensor = field(default_factory=_nothing_observed)
+    """Mean response-token activation of every D+ sample at every observed hook, ``[n_pairs, n_observed, d_model]``
+    (the base model's, captured in the same forward pass as ``positives``)."""
+    observed_negatives: Tensor = field(default_factory=_nothing_observed)
+
+    @property
+    def observed_layers(self) -> list[int]:
+        """The layer of every observed hook."""
+        return [layer for hook in self.observed_hooks if (layer := layer_of(hook)) is not None]
 
 
 @dataclass
@@ -134,6 +175,7 @@ class Sims:
 
     def prepare(self) -> None:
         """Before the loop: the memory bank, the base model's held-out evaluation, the steered layers."""
+        resolve_observe(self.config.observe, self.n_layers)  # an observed layer the model lacks fails before any work
         if self.state.bank is None and self.config.contrast_sampling:
             self.state.bank = MemoryBank(self.config.contrast.bank_size)
         fresh = self.state.base_heldout is None
@@ -165,7 +207,7 @@ class Sims:
                 hooks=batch.hooks,
                 positives=positives,
                 negatives=negatives,
-                groups=[pair.positive.prompt_id for pair in batch.selection.pairs],
+                groups=batch.groups,
                 fitted=fitted,
                 policy=policy,
                 seed=self.config.seed,
@@ -184,6 +226,10 @@ class Sims:
             negatives,
             metrics,
             heldout,
+            groups=batch.groups,
+            observed_hooks=list(batch.observed_hooks),
+            observed_positives=batch.observed_positives,
+            observed_negatives=batch.observed_negatives,
         )
         for cb in self.callbacks:
             if hasattr(cb, "on_iteration"):
@@ -198,9 +244,20 @@ class Sims:
         samples = self.score(iteration, prompts, exchanges)
         selection = self.select(samples)
         self._phase(iteration, "select", samples=samples, selection=selection)
-        positives, negatives = self.capture(iteration, selection, hooks)
-        self._phase(iteration, "capture", hooks=hooks)
-        return Batch(prompts, samples, selection, hooks, positives, negatives)
+        observed = self.observed_hooks
+        captured = self.capture_pairs(iteration, selection, hooks, observed)
+        self._phase(iteration, "capture", hooks=hooks, observed_hooks=observed)
+        return Batch(
+            prompts,
+            samples,
+            selection,
+            hooks,
+            captured.positives,
+            captured.negatives,
+            observed_hooks=observed,
+            observed_positives=captured.observed_positives,
+            observed_negatives=captured.observed_negatives,
+        )
 
     # -- the steps ----------------------------------------------------------------------------
     def prompts(self, iteration: int) -> list[Prompt]:
@@ -269,18 +326,28 @@ class Sims:
         label_samples(samples, selection)
         return selection
 
-    def capture(self, iteration: int, selection: Selection, hooks: list[str]) -> tuple[list[Tensor], list[Tensor]]:
-        """Step 5: the *base* model's response-token activations of D+ and D- (never steered)."""
+    def capture_pairs(
+        self, iteration: int, selection: Selection, hooks: list[str], observed: Sequence[str] = ()
+    ) -> PairActivations:
+        """Step 5: the *base* model's activations of D+ and D- (never steered), in one forward pass per batch.
+
+        Response tokens at the steered ``hooks`` (for the learner) and, per sample, their mean at the
+        ``observed`` hooks (for analysis; a hook in both is captured once).
+        """
         pad, size = int(self.tokenizer.pad_token_id), self.config.batch_size
         ends = end_token_ids(self.tokenizer)  # an end-of-turn token is never part of a response's span
+        sides = ([p.positive.exchange for p in selection.pairs], [p.negative.exchange for p in selection.pairs])
         with self._bar(2 * len(selection.pairs), f"iter {iteration}: capture") as bar:
-            positives = capture_tokens(
-                self.model, [p.positive.exchange for p in selection.pairs], hooks, pad, size, bar.update, end_ids=ends
+            positives, negatives = (
+                capture_activations(self.model, side, hooks, pad, size, bar.update, end_ids=ends, mean_hooks=observed)
+                for side in sides
             )
-            negatives = capture_tokens(
-                self.model, [p.negative.exchange for p in selection.pairs], hooks, pad, size, bar.update, end_ids=ends
-            )
-        return positives, negatives
+        return PairActivations(positives.tokens, negatives.tokens, positives.means, negatives.means)
+
+    def capture(self, iteration: int, selection: Selection, hooks: list[str]) -> tuple[list[Tensor], list[Tensor]]:
+        """The steered hooks' response-token activations of D+ and D- only (:meth:`capture_pairs` observing nothing)."""
+        captured = self.capture_pairs(iteration, selection, hooks)
+        return captured.positives, captured.negatives
 
     def fit(self, iteration: int, batch: Batch) -> SteeringSet:
         """Step 6: one steering function per hook from the learner, scaled by ``multiplier``."""
@@ -356,6 +423,11 @@ class Sims:
         """The steered hook points (known once :meth:`prepare` has run)."""
         assert self.state.layers is not None, "call prepare() (or iterate()) first"
         return self.config.hook_names(self.state.layers)
+
+    @property
+    def observed_hooks(self) -> list[str]:
+        """The observed hook points: the ``observe`` layers at ``hook`` (empty for ``observe = "none"``)."""
+        return self.config.hook_names(resolve_observe(self.config.observe, self.n_layers))
 
     @property
     def generation(self) -> GenerationSettings:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sims_lens.chat import Exchange, encode_chat
-from sims_lens.config import SimsConfig, resolve_layers
+from sims_lens.config import SimsConfig, resolve_layers, resolve_observe
 from sims_lens.contrast import MemoryBank, PairKey, Sample
 from sims_lens.loop import Callback, IterationResult, LoopState, Sims
 from sims_lens.run_folder import RunFolder
@@ -36,6 +36,14 @@ class RunWriter:
     def on_iteration(self, result: IterationResult) -> None:
         self.folder.save_steering(result.policy, result.iteration, "policy", self.model)
         self.folder.save_steering(result.fitted, result.iteration, "fit", self.model)
+        if result.observed_hooks:  # observe = "none" writes no file
+            self.folder.save_observed(
+                result.iteration,
+                result.observed_hooks,
+                result.observed_positives,
+                result.observed_negatives,
+                result.groups,
+            )
         self.folder.append_samples([s.to_record() for s in result.samples])
         self.folder.append_pairs([p.to_record(result.iteration) for p in result.selection.pairs])
         self.folder.append_metrics(result.metrics)
@@ -107,6 +115,7 @@ def sims_from_config(
     if model is None:
         model, tokenizer = load_model(config.model, dtype=config.dtype)
     resolve_layers(config.layers, int(model.cfg.n_layers))  # an unknown layer fails here, before any work
+    resolve_observe(config.observe, int(model.cfg.n_layers))
     oracle = make_oracle(config.oracle, config.oracle_settings(), model=model, tokenizer=tokenizer)
     if config.contrast_sampling and is_relative(oracle):
         raise ValueError(

@@ -14,11 +14,15 @@ Layout (ARCHITECTURE.md, "The run folder")::
     RUN/logit_lens.csv               the analysis callbacks' logit-lens reading of each layer's candidate
     RUN/steering/iter_NNN.safetensors  the policy after iteration NNN (+ .json metadata)
     RUN/steering/fit_NNN.safetensors   what iteration NNN fitted, before the update rule
+    RUN/observed/iter_NNN.safetensors  iteration NNN's D+ / D- mean activations at every observed
+                                     layer (tensors positives, negatives [n_pairs, n_observed, d_model];
+                                     hooks, layers, groups in the header)
     RUN/figures/                     plotly pages rewritten after every iteration
     RUN/.lock                        held by the process writing the run (its pid)
 
 Records of an iteration are appended only after it has finished and ``state.json`` is written
-last, so a crash loses at most the unfinished iteration; reopening drops its partial rows.
+last, so a crash loses at most the unfinished iteration; reopening drops its partial rows (and its
+observed file). Readers ignore rows and files of iterations past ``completed_iterations``.
 """
 
 from __future__ import annotations
@@ -36,12 +40,16 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
 
 from sims_lens.chat import Exchange
 from sims_lens.config import SimsConfig, config_from_dict, config_to_dict, save_config
 from sims_lens.evaluation import Evaluation
 from sims_lens.metrics import METRIC_COLUMNS, MetricRow, empty_metrics, tidy_metrics
-from sims_lens.steering.functions import SteeringSet
+from sims_lens.steering.functions import SteeringSet, layer_of
 from sims_lens.steering.io import load_steering, save_steering
 
 CONFIG = "config.toml"
@@ -53,14 +61,37 @@ METRICS = "metrics.csv"
 ANALYSIS_METRICS = "analysis_metrics.csv"
 LOGIT_LENS = "logit_lens.csv"
 STEERING = "steering"
+OBSERVED = "observed"
 FIGURES = "figures"
 LOCK = ".lock"
 STEERING_STEMS = {"policy": "iter", "fit": "fit"}
 """File stem of each kind of steering file: the policy after an iteration, or that iteration's fit."""
 
 
+OBSERVED_FORMAT = "sims-lens-observed"
+OBSERVED_FORMAT_VERSION = 1
+
+
 class RunFolderError(ValueError):
     """The run folder cannot be used as asked (exists without --resume, config mismatch, locked, ...)."""
+
+
+@dataclass(frozen=True, eq=False)
+class ObservedActivations:
+    """One iteration's ``observed/iter_NNN.safetensors``: the base model's D+ / D- activations at the observed layers.
+
+    Row i of ``positives`` / ``negatives`` is pair i of the iteration (``pairs.jsonl`` order), the
+    mean over its response's content tokens; column j is ``hooks[j]`` (layer ``layers[j]``).
+    """
+
+    iteration: int
+    hooks: list[str]
+    layers: list[int]
+    groups: list[str]
+    """The prompt id of every pair."""
+    positives: Tensor
+    """``[n_pairs, n_observed, d_model]`` float32."""
+    negatives: Tensor
 
 
 @dataclass(frozen=True)
@@ -117,6 +148,14 @@ class RunFolder:
     def steering_path(self, iteration: int, which: str = "policy") -> Path:
         """``steering/iter_NNN.safetensors`` (``which="policy"``) or ``steering/fit_NNN.safetensors``."""
         return self.path / STEERING / f"{STEERING_STEMS[which]}_{iteration:03d}.safetensors"
+
+    @property
+    def observed_dir(self) -> Path:
+        return self.path / OBSERVED
+
+    def observed_path(self, iteration: int) -> Path:
+        """``observed/iter_NNN.safetensors``: iteration NNN's activations at the observed layers."""
+        return self.observed_dir / f"iter_{iteration:03d}.safetensors"
 
     # -- configuration and state ------------------------------------------------------------
     def has_config(self) -> bool:
@@ -224,16 +263,82 @@ class RunFolder:
 
     def steering_iterations(self, which: str = "policy") -> list[int]:
         """Finished iterations that have a ``which`` steering file, in order."""
-        folder = self.path / STEERING
-        stem = STEERING_STEMS[which]
-        found = []
-        for path in folder.glob(f"{stem}_*.safetensors") if folder.is_dir() else []:
-            number = path.name[len(stem) + 1 : -len(".safetensors")]
-            if number.isdigit():
-                found.append(int(number))
+        found = _numbered(self.path / STEERING, STEERING_STEMS[which])
         if self.state_path.is_file():
             found = [t for t in found if t <= self.completed_iterations]
-        return sorted(found)
+        return found
+
+    # -- observed layers ----------------------------------------------------------------------
+    def save_observed(
+        self, iteration: int, hooks: Sequence[str], positives: Tensor, negatives: Tensor, groups: Sequence[str]
+    ) -> Path:
+        """Write ``observed/iter_NNN.safetensors`` (via a temporary file): the tensors ``positives`` and
+        ``negatives`` (float32 ``[n_pairs, n_observed, d_model]``) and, as JSON in the safetensors header,
+        ``hooks``, ``layers``, ``groups`` and ``iteration``."""
+        hooks, groups = [str(h) for h in hooks], [str(g) for g in groups]
+        if not hooks:
+            raise ValueError("save_observed: no observed hooks (observe = 'none' writes no file)")
+        layers = [layer_of(h) for h in hooks]
+        if None in layers:
+            raise ValueError(f"save_observed: every observed hook must be a layer's (blocks.L.*), got {hooks}")
+        if positives.ndim != 3 or positives.shape != negatives.shape:
+            raise ValueError(
+                f"save_observed: positives and negatives must be [n_pairs, n_observed, d_model] alike, got "
+                f"{tuple(positives.shape)} and {tuple(negatives.shape)}"
+            )
+        if positives.shape[1] != len(hooks) or positives.shape[0] != len(groups):
+            raise ValueError(
+                f"save_observed: activations {tuple(positives.shape)} do not match {len(groups)} pairs "
+                f"(groups) and {len(hooks)} hooks"
+            )
+        meta = {
+            "format": OBSERVED_FORMAT,
+            "format_version": OBSERVED_FORMAT_VERSION,
+            "iteration": int(iteration),
+            "hooks": hooks,
+            "layers": layers,
+            "groups": groups,
+        }
+        tensors = {
+            "positives": positives.detach().float().contiguous().cpu(),
+            "negatives": negatives.detach().float().contiguous().cpu(),
+        }
+        path = self.observed_path(iteration)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp), metadata={"sims_lens": json.dumps(meta)})
+        os.replace(tmp, path)
+        return path
+
+    def load_observed(self, iteration: int) -> ObservedActivations | None:
+        """Iteration ``iteration``'s observed activations (None if it has no file or is not finished)."""
+        path = self.observed_path(iteration)
+        if not path.is_file() or (self.state_path.is_file() and iteration > self.completed_iterations):
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+                positives, negatives = handle.get_tensor("positives"), handle.get_tensor("negatives")
+            meta = json.loads(header["sims_lens"])
+        except (SafetensorError, OSError, KeyError, ValueError) as err:
+            raise RunFolderError(f"{path} is not a readable observed-activations file ({err})") from None
+        if meta.get("format") != OBSERVED_FORMAT:
+            raise RunFolderError(f"{path} is not a sims-lens observed-activations file (format {meta.get('format')!r})")
+        return ObservedActivations(
+            iteration=int(meta["iteration"]),
+            hooks=list(meta["hooks"]),
+            layers=[int(layer) for layer in meta["layers"]],
+            groups=list(meta["groups"]),
+            positives=positives.to(torch.float32),
+            negatives=negatives.to(torch.float32),
+        )
+
+    def observed_iterations(self) -> list[int]:
+        """Finished iterations that have an ``observed/iter_NNN.safetensors`` file, in order."""
+        found = _numbered(self.observed_dir, "iter")
+        if self.state_path.is_file():
+            found = [t for t in found if t <= self.completed_iterations]
+        return found
 
     # -- the base model's held-out evaluation -------------------------------------------------
     def save_base(self, evaluation: Evaluation) -> None:
@@ -298,6 +403,9 @@ class RunFolder:
                 writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
                 writer.writeheader()
                 writer.writerows(rows)
+        for later in _numbered(self.observed_dir, "iter"):
+            if later > iteration:
+                self.observed_path(later).unlink(missing_ok=True)
 
     def live_holder(self) -> dict[str, Any] | None:
         """The process holding ``RUN/.lock`` if it is still running (its pid and host), else None."""
@@ -404,6 +512,16 @@ def _alive(holder: dict[str, Any]) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _numbered(folder: Path, stem: str) -> list[int]:
+    """The NNN of every ``STEM_NNN.safetensors`` in ``folder``, sorted (empty if there is no folder)."""
+    found = []
+    for path in folder.glob(f"{stem}_*.safetensors") if folder.is_dir() else []:
+        number = path.name[len(stem) + 1 : -len(".safetensors")]
+        if number.isdigit():
+            found.append(int(number))
+    return sorted(found)
 
 
 def _append_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:

@@ -13,13 +13,14 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis.ablations import ablate, ablation_variants
+from analysis.ablations import SWEEP_COLUMNS, ablate, ablation_variants, layer_sweep
 from analysis.figures import (
     FIGURES,
     cosine_iterations_figure,
     cosine_layers_figure,
     drift_figure,
     heldout_figure,
+    layer_sweep_figure,
     norms_figure,
     separability_figure,
 )
@@ -29,6 +30,7 @@ from analysis.logit_lens import direction_logits, logit_lens, steering_lens
 from analysis.report import report, summary_table
 from analysis.run_data import load_run
 from analysis.separability import separability
+from analysis.watch import refresh
 from sims_lens.config import load_config
 from sims_lens.generation import GenerationSettings
 from sims_lens.loop import Sims
@@ -255,6 +257,12 @@ def test_live_callback_writes_analysis_metrics_and_figures(tiny_run):
     assert set(frame["split"]) == {"analysis"} and set(frame["iteration"]) == {1, 2} and set(frame["layer"]) == {0, 1}
     expected = {"norm", "cos_prev", "cos_first", "fit_norm", "probe_accuracy", "probe_accuracy_null", "fisher_ratio"}
     assert expected <= set(frame["metric"])
+    # every observed layer (the loop observes all layers by default): candidate direction and separability
+    candidate = frame[frame["metric"].isin(["candidate_norm", "candidate_cos_first", "probe_accuracy"])]
+    assert set(zip(candidate["iteration"], candidate["layer"], strict=True)) == {
+        (t, layer) for t in (1, 2) for layer in (0, 1)
+    }
+    assert set(frame[frame["iteration"] == 2]["metric"]) >= {"candidate_cos_prev", "candidate_cos_steered"}
     cos_prev = frame[(frame["metric"] == "cos_prev") & (frame["layer"] == 0)]["value"].item()
     expected = cosine(
         results[1].policy.direction("blocks.0.hook_resid_post"), results[0].policy.direction("blocks.0.hook_resid_post")
@@ -262,7 +270,7 @@ def test_live_callback_writes_analysis_metrics_and_figures(tiny_run):
     assert cos_prev == pytest.approx(expected, abs=1e-6)
     index = (out / "figures" / "index.html").read_text()
     assert "iterations done: <b>2</b> of 2" in index
-    for name in FIGURES:
+    for name in [*FIGURES, "logit_lens"]:
         assert f'href="{name}.html"' in index and (out / "figures" / f"{name}.html").is_file()
     assert (out / "figures" / "plotly.min.js").is_file()  # pages open offline
     assert "cdn.plot.ly" not in (out / "figures" / "heldout.html").read_text()
@@ -288,6 +296,19 @@ def test_report_regenerates_from_the_folder_alone(tiny_run, tmp_path):
     assert table.loc[2, "reward_mean"] == pytest.approx(results[1].heldout.reward_mean)
     data = load_run(copy)
     assert sorted(data.policies) == [1, 2] and sorted(data.fits) == [1, 2]
+
+
+def test_report_with_the_model_reads_the_logit_lens_of_every_observed_layer(tiny, tiny_run, tmp_path):
+    model, tok = tiny
+    out, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    (copy / "logit_lens.csv").unlink(missing_ok=True)  # as if the live callback had no model
+    index = report(copy, model, tok)
+    lens = pd.read_csv(copy / "logit_lens.csv", keep_default_na=False)
+    assert list(lens.columns) == ["iteration", "layer", "direction", "rank", "sign", "token", "logit"]
+    assert set(lens["iteration"]) == {1, 2} and set(lens["layer"]) == {0, 1} and len(lens) == 2 * 2 * 2 * 5
+    assert 'class="lens"' in index.read_text() and (copy / "figures" / "logit_lens.html").is_file()
 
 
 def test_report_of_a_partial_run_skips_an_unfinished_iteration(tiny_run, tmp_path):
@@ -389,6 +410,50 @@ def test_ablate_on_the_tiny_model(tiny, tiny_run):
     assert rows.loc["all x0", "reward_mean"] == rows.loc["base", "reward_mean"]
     assert rows.loc["all x0", "win_rate_vs_base"] == 0.5
     assert rows.loc["only layer 0", "layers"] == "0" and rows.loc["all", "layers"] == "0,1"
+
+
+def test_layer_sweep_of_a_run_folder(tiny, tiny_run, monkeypatch):
+    model, tok = tiny
+    out, results = tiny_run
+    table = layer_sweep(
+        model,
+        tok,
+        out,
+        prompts=HELDOUT[:1],
+        multipliers=(0.0, 1.0),
+        samples_per_prompt=1,
+        max_new_tokens=3,
+        oracle=LetterOracle(),
+    )
+    assert list(table.columns) == SWEEP_COLUMNS and len(table) == 1 + 2 * 2
+    assert table["variant"].iloc[0] == "base" and set(table["layer"].dropna()) == {0, 1}
+    identity = table[table["multiplier"] == 0.0]  # multiplier 0 is the base model (same seed)
+    assert (identity["reward_mean"] == table["reward_mean"].iloc[0]).all()
+    norms = results[-1].policy.norms().values()
+    steered = table[table["multiplier"] == 1.0]
+    assert steered["norm"].to_numpy() == pytest.approx([sum(norms) / len(norms)] * 2, rel=1e-4)
+    analysis = pd.read_csv(out / "analysis_metrics.csv")
+    live = analysis[(analysis["iteration"] == 2) & (analysis["metric"] == "probe_accuracy")].set_index("layer")
+    for row in steered.itertuples():
+        assert row.probe_accuracy == pytest.approx(live.loc[int(row.layer), "value"])
+    fig = layer_sweep_figure(table)
+    assert len([t for t in fig.data if t.type == "bar"]) == 1
+    monkeypatch.setattr("analysis.ablations.observed_iterations", lambda path: [])
+    with pytest.raises(ValueError, match="observed activations"):
+        layer_sweep(model, tok, out, prompts=HELDOUT[:1], oracle=LetterOracle())
+
+
+def test_refresh_reads_a_run_folder_without_writing(tiny_run):
+    out, _ = tiny_run
+    before = sorted(p.name for p in out.rglob("*"))
+    snap = refresh(out, names=["heldout", "separability_layers"])
+    assert snap.completed == 2 and snap.total == 2 and not snap.running and snap.done
+    assert list(snap.heldout.index) == [0, 1, 2] and list(snap.figures) == ["heldout", "separability_layers"]
+    assert snap.figures["separability_layers"].data[0].z.shape == (2, 2)  # 2 layers x 2 iterations
+    assert sorted(snap.observed) == [1, 2] and refresh(out, names=[], previous=snap).observed.keys() == {1, 2}
+    assert sorted(p.name for p in out.rglob("*")) == before
+    with pytest.raises(ValueError, match="does not exist"):
+        refresh(out / "missing", tries=1)
 
 
 def test_notebooks_are_stored_without_outputs():

@@ -20,7 +20,7 @@ from sims_lens.steering.learners import (
     ProbeLearner,
     make_learner,
 )
-from sims_lens.steering.learners.probe import fit_logistic, logistic_weights
+from sims_lens.steering.learners.probe import fit_logistic, fit_logistic_labels, logistic_weights
 
 HOOK = "blocks.3.hook_resid_post"
 
@@ -335,6 +335,76 @@ def test_fit_logistic_matches_the_previous_torch_lbfgs_fit() -> None:
     assert _cos(classifier.weight, w.detach() / sigma) > 1 - 1e-6
     old_bias = b.detach() - (mu / sigma) @ w.detach()
     assert math.isclose(float(classifier.bias), float(old_bias), rel_tol=1e-3, abs_tol=1e-4)
+
+
+def _direct_sklearn_fit(pos: Tensor, neg: Tensor, l2: float) -> tuple[Tensor, Tensor]:
+    """The former ``fit_logistic``: sklearn's lbfgs on all d standardised features, mapped back to raw space."""
+    x = torch.cat([pos, neg]).double()
+    y = torch.cat([torch.ones(pos.shape[0]), torch.zeros(neg.shape[0])]).double()
+    mu, sigma = x.mean(0), x.std(0, unbiased=False)
+    w, b = logistic_weights((x - mu) / sigma, y, l2=l2, bias=True, max_iter=20_000)
+    return w / sigma, b - (mu / sigma) @ w
+
+
+@pytest.mark.parametrize("l2", [1e-3, 1e-2, 1e-1])
+def test_the_span_fit_equals_the_direct_sklearn_fit_when_d_exceeds_n(l2: float) -> None:
+    """The separability regime (26 training rows, d = 576): solved in the <= 26-dimensional span of the
+    standardised rows, the probe is sklearn's fit in all 576 dimensions (representer theorem)."""
+    d = 576
+    g = _gen(41)
+    u, scales = _planted(d, seed=42), torch.logspace(-1, 1, d)
+    pos = 1.0 + (0.3 * u + torch.randn(13, d, generator=g)) * scales
+    neg = 1.0 + (-0.3 * u + torch.randn(13, d, generator=g)) * scales
+    classifier = fit_logistic(pos, neg, l2=l2)
+    w, b = _direct_sklearn_fit(pos, neg, l2)
+    assert classifier.weight.shape == (d,) and classifier.weight.dtype == torch.float32
+    assert _cos(classifier.weight, w) > 0.9999
+    probe = 1.0 + torch.randn(40, d, generator=_gen(43)) * scales
+    expected = (probe.double() @ w + b).numpy()
+    got = classifier.logits(probe).double().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(expected).max())))
+
+
+@pytest.mark.parametrize("l2", [1e-3, 1e-1])
+def test_the_span_fit_is_the_minimiser_in_all_dimensions(l2: float) -> None:
+    """The gradient of ``mean BCE + l2/2 ||w||^2`` over all d standardised weights vanishes at the span fit."""
+    d = 300
+    g = _gen(44)
+    pos = torch.randn(10, d, generator=g, dtype=torch.float64) * 2.0 + 0.5
+    neg = torch.randn(12, d, generator=g, dtype=torch.float64) * 2.0 - 0.2
+    classifier = fit_logistic(pos, neg, l2=l2)
+    assert classifier.weight.dtype == torch.float64
+    x = torch.cat([pos, neg])
+    y = torch.cat([torch.ones(10), torch.zeros(12)]).double()
+    mu, sigma = x.mean(0), x.std(0, unbiased=False)
+    w = (classifier.weight * sigma).clone().requires_grad_()  # the standardised weights and bias
+    b = (classifier.bias + mu @ classifier.weight).clone().requires_grad_()
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(((x - mu) / sigma) @ w + b, y) + 0.5 * l2 * (w @ w)
+    grads = torch.autograd.grad(loss, [w, b])
+    assert max(float(grad.abs().max()) for grad in grads) < 1e-7
+
+
+def test_several_labelings_of_the_same_rows_fit_independently() -> None:
+    """What the separability nulls rely on: one call for k labelings gives each labeling's own fit, and
+    relabelling pair i's rows is fitting the rows swapped."""
+    g = _gen(45)
+    x = torch.randn(24, 200, generator=g)
+    flips = torch.rand(4, 12, generator=g) < 0.5
+    labels = torch.cat([~flips, flips], dim=1).double()  # rows 0-11 are "pos", 12-23 their "neg"
+    together = fit_logistic_labels(x, labels, l2=1e-2)
+    assert len(together) == 4
+    pos, neg = x[:12], x[12:]
+    for j in range(4):
+        [alone] = fit_logistic_labels(x, labels[j : j + 1], l2=1e-2)
+        assert torch.equal(together[j].weight, alone.weight) and torch.equal(together[j].bias, alone.bias)
+        swap = flips[j][:, None]
+        swapped = fit_logistic(torch.where(swap, neg, pos), torch.where(swap, pos, neg), l2=1e-2)
+        assert _cos(together[j].weight, swapped.weight) > 1 - 1e-9
+        torch.testing.assert_close(together[j].logits(x), swapped.logits(x), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="both labels"):
+        fit_logistic_labels(x, torch.ones(1, 24))
+    with pytest.raises(ValueError, match="labels must be"):
+        fit_logistic_labels(x, torch.ones(24))
 
 
 # ---------------------------------------------------------------- ablate_add

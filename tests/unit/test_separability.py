@@ -11,8 +11,10 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch import Tensor
 
+import sims_lens.separability as separability_module
 import sims_lens.steering.learners as learners
 from sims_lens.metrics import layer_rows
+from sims_lens.seeds import derive_seed
 from sims_lens.separability import (
     Separability,
     fisher_ratio,
@@ -22,7 +24,7 @@ from sims_lens.separability import (
     separability,
 )
 from sims_lens.steering.functions import SteeringFunction, SteeringSet
-from sims_lens.steering.learners.probe import fit_logistic
+from sims_lens.steering.learners.probe import fit_logistic, logistic_weights
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -221,7 +223,66 @@ def test_group_ids_only_matter_through_which_pairs_share_a_prompt() -> None:
     assert by_name == by_number
 
 
-# -- (f) errors ----------------------------------------------------------------------------------
+# -- (f) the fast fit is the direct one ---------------------------------------------------------
+
+
+def _direct_cv(pos: Tensor, neg: Tensor, folds, l2: float = 1e-2) -> tuple[int, int, int]:
+    """The former procedure, fold by fold: sklearn's lbfgs on all d standardised features of the training
+    folds (a fresh fit per labeling); returns (correct, ambiguous, total) held-out rows, ambiguous = |logit| <
+    1e-3 (where two fits equal to solver tolerance may disagree on the sign)."""
+    correct = ambiguous = total = 0
+    for train, test in folds:
+        tr, te = torch.from_numpy(train), torch.from_numpy(test)
+        x = torch.cat([pos[tr], neg[tr]]).double()
+        y = torch.cat([torch.ones(len(train)), torch.zeros(len(train))]).double()
+        mu, sigma = x.mean(0), x.std(0, unbiased=False)
+        w, b = logistic_weights((x - mu) / sigma, y, l2=l2, bias=True, max_iter=20_000)
+        w_raw, b_raw = w / sigma, b - (mu / sigma) @ w
+        for rows, preferred in ((pos[te], True), (neg[te], False)):
+            logits = rows.double() @ w_raw + b_raw
+            correct += int(((logits > 0) if preferred else (logits <= 0)).sum())
+            ambiguous += int((logits.abs() < 1e-3).sum())
+        total += 2 * len(test)
+    return correct, ambiguous, total
+
+
+def test_probe_accuracy_and_its_null_equal_the_direct_sklearn_procedure() -> None:
+    """The loop's regime (16 pairs, d = 576, 8 prompts): fitting in the span of each fold's rows, all
+    labelings of a fold at once, changes no held-out prediction of the former per-fit sklearn procedure."""
+    n, d, seed = 16, 576, 4
+    pos, neg = _two_gaussians(n, d, 0.5, seed=21)
+    groups = [f"p{i // 2}" for i in range(n)]
+    folds = pair_folds(groups, n, seed=seed)
+    correct, ambiguous, total = _direct_cv(pos, neg, folds)
+    assert abs(probe_accuracy(pos, neg, groups, seed=seed) * total - correct) <= ambiguous + 1e-9
+    codes = np.array([i // 2 for i in range(n)])
+    null_correct = null_ambiguous = 0
+    for r in range(5):  # probe_accuracy_null's sign-flip permutations, fitted on the swapped rows
+        flip = np.random.default_rng(derive_seed(seed, "null", r)).random(8) < 0.5
+        swap = torch.from_numpy(flip[codes])[:, None]
+        c, a, _ = _direct_cv(torch.where(swap, neg, pos), torch.where(swap, pos, neg), folds)
+        null_correct, null_ambiguous = null_correct + c, null_ambiguous + a
+    null = probe_accuracy_null(pos, neg, groups, seed=seed)
+    assert abs(null * 5 * total - null_correct) <= null_ambiguous + 1e-6
+
+
+def test_separability_fits_every_labeling_of_a_fold_on_one_factorisation(monkeypatch) -> None:
+    """One fit call per fold for the real labels and the 5 permutations together (what makes it fast)."""
+    calls: list[tuple[int, ...]] = []
+    fit = separability_module.fit_logistic_labels
+
+    def spy(x, labels, **kwargs):
+        calls.append(tuple(labels.shape))
+        return fit(x, labels, **kwargs)
+
+    monkeypatch.setattr(separability_module, "fit_logistic_labels", spy)
+    pos, neg = _two_gaussians(16, 64, 0.5, seed=3)
+    separability(pos, neg, [f"p{i}" for i in range(16)], seed=0)
+    assert len(calls) == 5 and all(k == 6 for k, _ in calls)
+    assert sum(rows for _, rows in calls) == 2 * 16 * 4  # each pair trains in 4 of the 5 folds
+
+
+# -- (g) errors ----------------------------------------------------------------------------------
 
 
 def test_clear_errors_for_bad_groups_folds_and_inputs() -> None:

@@ -148,6 +148,7 @@ def test_a_resumed_run_is_byte_for_byte_the_uninterrupted_one(tiny, tmp_path: Pa
     assert whole.completed_iterations == resumed.completed_iterations == 3
     a, b = _files(whole), _files(resumed)
     assert sorted(a) == sorted(b)
+    assert {f"observed/iter_00{t}.safetensors" for t in (1, 2, 3)} <= set(a)  # every layer observed, kept on resume
     assert {name for name in a if a[name] != b[name]} == set()
     pairs = [json.loads(line) for line in (whole.path / "pairs.jsonl").read_text().splitlines()]
     assert {p["update"] for p in pairs} == {1, 2, 3}
@@ -170,13 +171,13 @@ def test_top_k_finds_the_layer_where_a_difference_was_planted(tmp_path: Path):
     class Planted(Sims):
         """The model's activations of preferred responses carry an extra direction at one layer."""
 
-        def capture(self, iteration, selection, hooks):
-            positives, negatives = super().capture(iteration, selection, hooks)
+        def capture_pairs(self, iteration, selection, hooks, observed=()):
+            captured = super().capture_pairs(iteration, selection, hooks, observed)
             if f"blocks.{planted}.hook_resid_post" in hooks:
                 i = hooks.index(f"blocks.{planted}.hook_resid_post")
-                for t in positives:
+                for t in captured.positives:
                     t[:, i] += 3.0 * direction
-            return positives, negatives
+            return captured
 
     base = tiny_sims((model, tok), NoiseOracle(), iterations=1, prompts_per_iteration=8, layers="top:1")
     sims = Planted(model, tok, base.config, TRAIN, base.heldout_prompts, NoiseOracle(), base.learner, progress=False)

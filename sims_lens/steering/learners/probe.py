@@ -1,7 +1,10 @@
 """Logistic-regression probe learner: steer along the normal of a probe separating H+ from H-.
 
-The logistic regressions are scikit-learn's (L2 penalty, lbfgs solver). The separability measures
-built on :func:`fit_logistic` live in :mod:`sims_lens.separability`.
+:func:`fit_logistic` (the probe, and the separability measures of :mod:`sims_lens.separability`)
+fits its L2-regularised logistic regression in the span of the standardised rows (at most n - 1
+dimensions however large d_model is: an exact reformulation, much cheaper when d >> n);
+:func:`logistic_weights` fits in the raw features (the HPR probe gate). Both are scikit-learn's
+``LogisticRegression`` (L2 penalty, lbfgs solver) on the same objective.
 """
 
 from __future__ import annotations
@@ -49,23 +52,24 @@ def logistic_weights(
     without converging is silent (sklearn's ``ConvergenceWarning`` is suppressed), as with a fixed
     iteration budget. Returns float64 ``(w, b)`` on ``x``'s device; ``b`` is 0 without ``bias``.
     """
+    w, b = _sklearn_logistic(x.detach().double().cpu().numpy(), y.detach().cpu().numpy(), l2, bias, max_iter)
+    return torch.from_numpy(w).to(x.device), torch.tensor(b, dtype=torch.float64, device=x.device)
+
+
+def _sklearn_logistic(
+    features: np.ndarray, y: np.ndarray, l2: float, bias: bool, max_iter: int
+) -> tuple[np.ndarray, float]:
+    """scikit-learn's L2 logistic regression with ``C = 1 / (l2 n)``: minimises ``mean BCE + l2/2 ||w||^2``."""
     if l2 <= 0:
         raise ValueError(f"l2 must be > 0, got {l2!r}")
-    features = x.detach().double().cpu().numpy()
-    labels = y.detach().cpu().numpy().astype(np.int64)
     model = LogisticRegression(
-        C=1.0 / (l2 * features.shape[0]),
-        solver="lbfgs",
-        fit_intercept=bias,
-        tol=TOLERANCE,
-        max_iter=max_iter,
+        C=1.0 / (l2 * features.shape[0]), solver="lbfgs", fit_intercept=bias, tol=TOLERANCE, max_iter=max_iter
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        model.fit(features, labels)
-    w = torch.from_numpy(np.ascontiguousarray(model.coef_[0], dtype=np.float64)).to(x.device)
-    b = torch.tensor(float(model.intercept_[0]) if bias else 0.0, dtype=torch.float64, device=x.device)
-    return w, b
+        model.fit(features, np.asarray(y).astype(np.int64))
+    w = np.ascontiguousarray(model.coef_[0], dtype=np.float64)
+    return w, float(model.intercept_[0]) if bias else 0.0
 
 
 def fit_logistic(
@@ -76,18 +80,71 @@ def fit_logistic(
     Fitted on standardised features (per-dimension mean and std of both sets, as with sklearn's
     ``StandardScaler``) so one ``l2`` works across layers whatever their scale, then mapped back
     exactly: ``w_raw = w / sigma``, ``b_raw = b - (mu / sigma) . w``, so the returned classifier
-    (and its normal ``w_raw``) acts on raw activations. The penalty ``l2/2 ||w||^2`` is on the
-    standardised weights; see :func:`logistic_weights` for the optimiser.
+    (and its normal ``w_raw``) acts on raw activations. It minimises ``mean BCE + l2/2 ||w||^2``,
+    the penalty on the standardised weights, as :func:`logistic_weights` does; see
+    :func:`fit_logistic_labels` for how.
     """
-    x = torch.cat([pos, neg]).double()
-    y = torch.cat([torch.ones(pos.shape[0]), torch.zeros(neg.shape[0])]).to(x.device)
-    mu = x.mean(dim=0)
-    sigma = x.std(dim=0, unbiased=False)
+    x = torch.cat([pos, neg])
+    y = torch.cat([torch.ones(pos.shape[0]), torch.zeros(neg.shape[0])])
+    [classifier] = fit_logistic_labels(x, y[None], l2=l2, max_iter=max_iter)
+    return LinearClassifier(weight=classifier.weight.to(pos.dtype), bias=classifier.bias.to(pos.dtype))
+
+
+def fit_logistic_labels(
+    x: Float[Tensor, "n d"], labels: Float[Tensor, "k n"], *, l2: float = 1e-2, max_iter: int = 200
+) -> list[LinearClassifier]:
+    """:func:`fit_logistic` of the rows ``x`` under each of ``k`` labelings (``labels[j, i]`` 1 or 0).
+
+    The rows are standardised once (mean and std over all of them, whatever the labels). The
+    penalised optimum's weight lies in the span of the standardised rows ``Z`` (representer theorem:
+    at the optimum ``l2 w = -Z^T r / n``, ``r`` the residuals), so with ``V`` an orthonormal basis of
+    that span (from the SVD of ``Z``, rank at most ``n``) the problem in ``w = V a`` is the same
+    logistic regression on the ``n x rank`` features ``Z V``, with the same penalty
+    (``||w|| = ||a||``): an exact reformulation, cheap when ``d >> n``. Each labeling is then fitted
+    by scikit-learn (:func:`_sklearn_logistic`); the objective is strictly convex and lbfgs starts
+    from zero, so the result is deterministic and free of random numbers.
+    The labelings share the factorisation (the separability measures' permutation nulls relabel
+    the same rows); each one's fit does not depend on the others. Returns one classifier per
+    labeling in raw space, in ``x``'s dtype and on its device.
+    """
+    if l2 <= 0:
+        raise ValueError(f"l2 must be > 0, got {l2!r}")
+    targets = labels.detach().double().cpu().numpy()
+    if targets.ndim != 2 or targets.shape[1] != x.shape[0]:
+        raise ValueError(f"labels must be [k, n] for {x.shape[0]} rows, got shape {tuple(labels.shape)}")
+    if not np.isin(targets, (0.0, 1.0)).all():
+        raise ValueError("labels must be 0 or 1")
+    rows = x.detach().double()
+    mu = rows.mean(dim=0)
+    sigma = rows.std(dim=0, unbiased=False)
     sigma = torch.where(sigma > 1e-8 * sigma.max().clamp_min(1e-30), sigma, torch.ones_like(sigma))
-    w, b = logistic_weights((x - mu) / sigma, y, l2=l2, bias=True, max_iter=max_iter)
-    w_raw = w / sigma
-    b_raw = b - (mu / sigma) @ w
-    return LinearClassifier(weight=w_raw.to(pos.dtype), bias=b_raw.to(pos.dtype))
+    features, basis = _span_coordinates(((rows - mu) / sigma).cpu().numpy())
+    classifiers = []
+    for y in targets:
+        if not 0 < y.sum() < y.size:
+            raise ValueError("every labeling needs both labels (1 and 0) among the rows")
+        a, b = _sklearn_logistic(features, y, l2, True, max_iter)
+        w = torch.from_numpy(a if basis is None else basis @ a).to(device=x.device)
+        w_raw = w / sigma
+        b_raw = b - (mu / sigma) @ w
+        classifiers.append(LinearClassifier(weight=w_raw.to(x.dtype), bias=b_raw.to(x.dtype)))
+    return classifiers
+
+
+def _span_coordinates(z: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(Z V, V)``, ``V`` an orthonormal basis ``[d, rank]`` of the row span of ``z`` (``(z, None)`` if n >= d).
+
+    Directions with singular values below ``max(n, d) * eps`` of the largest (numerically zero, such
+    as the one the centring removes) are left out: the rows have no extent along them, so the
+    penalty alone sets their weight, to zero.
+    """
+    n, d = z.shape
+    if n >= d:
+        return z, None
+    _, singular, vt = np.linalg.svd(z, full_matrices=False)
+    keep = singular > singular[0] * max(n, d) * np.finfo(np.float64).eps
+    basis = np.ascontiguousarray(vt[keep].T)
+    return z @ basis, basis
 
 
 @register_learner("probe")

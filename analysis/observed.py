@@ -1,0 +1,355 @@
+"""Every observed layer at one iteration: the candidate direction, its drift, separability, a 2-D view.
+
+The loop observes the base model's activations of D+ and D- at every layer it is asked to
+observe (by default all of them at the configured hook), not only the steered ones:
+``IterationResult.observed_positives`` / ``observed_negatives`` ``[n_pairs, n_observed, d_model]``
+(per pair, the mean response-token activation of y+ / y-), ``observed_hooks`` and ``groups`` (the
+prompt of each pair); a run folder keeps them (``RunFolder.load_observed``). From them, per
+observed layer l:
+
+- the **candidate** direction ``c_l = mean(H+_l) - mean(H-_l)`` (what ``mean_diff`` would fit there),
+  its norm, its cosine to the previous iteration's candidate at l, to iteration 1's, and to the
+  steered direction where l is steered (the policy's direction at that hook);
+- separability of H+ vs H- (:func:`sims_lens.separability.separability`: probe accuracy
+  cross-validated over folds of prompts, its sign-flip null, the held-out Fisher ratio);
+- the layer x layer cosine matrix of the candidates;
+- a 2-D view: each activation's coordinate on the unit mean difference, and on the top principal
+  component of what remains once that coordinate is removed (the cloud centred on its mean).
+
+:func:`summarize` keeps what the figures need of one iteration (the candidates and the 2-D
+coordinates, small) so the activations themselves need not stay in memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from analysis.geometry import cosine, cosine_matrix
+from sims_lens.metrics import MetricRow, metric_row
+from sims_lens.run_folder import RunFolder
+from sims_lens.separability import Separability, separability
+from sims_lens.steering.functions import SteeringSet, layer_of
+
+OBSERVED_METRICS = [
+    "candidate_norm",
+    "candidate_cos_prev",
+    "candidate_cos_first",
+    "candidate_cos_steered",
+    "probe_accuracy",
+    "probe_accuracy_null",
+    "fisher_ratio",
+]
+"""The per-layer ``analysis`` rows :func:`observed_rows` writes for every observed layer."""
+
+SEPARABILITY_METRICS = ["probe_accuracy", "probe_accuracy_null", "fisher_ratio"]
+PROJECTION_COLUMNS = ["iteration", "hook", "layer", "side", "pair", "group", "x", "y"]
+
+
+@dataclass(frozen=True)
+class Observed:
+    """One iteration's observed activations: ``positives``/``negatives`` ``[n_pairs, n_observed, d_model]``."""
+
+    iteration: int
+    hooks: list[str]
+    positives: Tensor
+    negatives: Tensor
+    groups: list[Hashable]
+    """``groups[i]``: the prompt of pair ``i`` (cross-validation folds never split a prompt)."""
+
+    def __post_init__(self) -> None:
+        pos, neg = self.positives, self.negatives
+        if pos.ndim != 3 or pos.shape != neg.shape:
+            raise ValueError(
+                f"observed activations must be paired [n_pairs, n_observed, d_model] alike, got "
+                f"{tuple(pos.shape)} and {tuple(neg.shape)}"
+            )
+        if pos.shape[1] != len(self.hooks):
+            raise ValueError(f"{pos.shape[1]} observed layers of activations but {len(self.hooks)} hook names")
+        if len(self.groups) != pos.shape[0]:
+            raise ValueError(f"{len(self.groups)} prompt ids (groups) for {pos.shape[0]} pairs")
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.positives.shape[0])
+
+    @property
+    def layers(self) -> list[int | None]:
+        return [layer_of(h) for h in self.hooks]
+
+
+@dataclass
+class ObservedSummary:
+    """What the figures keep of one iteration: candidates ``[n_observed, d_model]`` and 2-D coordinates."""
+
+    iteration: int
+    hooks: list[str]
+    candidates: Tensor
+    projection: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=PROJECTION_COLUMNS))
+    n_pairs: int = 0
+
+    def by_hook(self) -> dict[str, Tensor]:
+        """The candidate of each observed hook."""
+        return {hook: self.candidates[i] for i, hook in enumerate(self.hooks)}
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+
+def as_observed(source: Any) -> Observed:
+    """An :class:`Observed` from what ``RunFolder.load_observed`` returns (``.iteration, .hooks,
+    .positives, .negatives, .groups``)."""
+    if isinstance(source, Observed):
+        return source
+    return Observed(
+        int(source.iteration),
+        list(source.hooks),
+        _float(source.positives),
+        _float(source.negatives),
+        list(source.groups),
+    )
+
+
+def observed_of(result: Any) -> Observed | None:
+    """The observed activations of a loop ``IterationResult`` (None for a loop that observes nothing).
+
+    Reads ``observed_hooks``, ``observed_positives``, ``observed_negatives`` and ``groups``; where a
+    result has no ``groups``, the prompt of each selected pair stands in.
+    """
+    hooks = getattr(result, "observed_hooks", None)
+    pos = getattr(result, "observed_positives", None)
+    neg = getattr(result, "observed_negatives", None)
+    if not hooks or pos is None or neg is None:
+        return None
+    groups = getattr(result, "groups", None)
+    if groups is None:
+        groups = [pair.positive.prompt_id for pair in result.selection.pairs]
+    return Observed(int(result.iteration), list(hooks), _float(pos), _float(neg), list(groups))
+
+
+def observed_iterations(run_dir: str | Path) -> list[int]:
+    """The finished iterations of a run folder that kept their observed activations ([] for older runs)."""
+    folder = RunFolder(run_dir)
+    method = getattr(folder, "observed_iterations", None)
+    return sorted(int(t) for t in method()) if method is not None else []
+
+
+def load_observed(run_dir: str | Path, iteration: int) -> Observed | None:
+    """One iteration's observed activations from a run folder (None if it kept none)."""
+    folder = RunFolder(run_dir)
+    method = getattr(folder, "load_observed", None)
+    loaded = method(iteration) if method is not None else None
+    return as_observed(loaded) if loaded is not None else None
+
+
+def load_summaries(
+    run_dir: str | Path, known: Mapping[int, ObservedSummary] | None = None
+) -> dict[int, ObservedSummary]:
+    """:func:`summarize` of every observed iteration of a run folder, by iteration.
+
+    Iterations already in ``known`` are taken from there and not read again.
+    """
+    out = dict(known or {})
+    for t in observed_iterations(run_dir):
+        if t not in out:
+            observed = load_observed(run_dir, t)
+            if observed is not None:
+                out[t] = summarize(observed)
+    return dict(sorted(out.items()))
+
+
+# -- per layer ---------------------------------------------------------------------------------
+
+
+def candidates(observed: Observed) -> Float[Tensor, "n_observed d_model"]:
+    """``mean(H+_l) - mean(H-_l)`` of every observed layer (float64 means, float32 result)."""
+    return (observed.positives.double().mean(0) - observed.negatives.double().mean(0)).float()
+
+
+def plane(pos: Float[Tensor, "n d"], neg: Float[Tensor, "n d"]) -> tuple[Float[Tensor, " n2"], Float[Tensor, " n2"]]:
+    """2-D coordinates of the rows of ``pos`` then ``neg``: ``(x, y)``, each of length ``2 n``.
+
+    The cloud is centred on its mean; ``x`` is the coordinate on the unit mean difference
+    ``u = unit(mean(pos) - mean(neg))`` (so ``mean x+ - mean x- = ||mean(pos) - mean(neg)||``), ``y``
+    the coordinate on the top principal component of the rest (``h - (h . u) u``), its sign
+    chosen so that its largest entry is positive. Zero where there is no such direction.
+    """
+    x = torch.cat([pos, neg]).double()
+    centred = x - x.mean(0)
+    diff = pos.double().mean(0) - neg.double().mean(0)
+    norm = float(diff.norm())
+    u = diff / norm if norm > 1e-12 else torch.zeros_like(diff)
+    along = centred @ u
+    rest = centred - along[:, None] * u[None, :]
+    if rest.shape[0] >= 2 and float(rest.abs().max()) > 0:
+        _, _, vh = torch.linalg.svd(rest, full_matrices=False)
+        w = vh[0]
+        w = w if float(w[w.abs().argmax()]) >= 0 else -w
+        across = rest @ w
+    else:
+        across = torch.zeros_like(along)
+    return along.float(), across.float()
+
+
+def projection(observed: Observed) -> pd.DataFrame:
+    """:func:`plane` of every observed layer, tidy: ``iteration, hook, layer, side (H+ / H-), pair, group, x, y``."""
+    n = observed.n_pairs
+    frames = []
+    sides = ["H+"] * n + ["H-"] * n
+    pairs = list(range(n)) * 2
+    groups = [str(g) for g in observed.groups] * 2
+    for i, hook in enumerate(observed.hooks):
+        x, y = plane(observed.positives[:, i], observed.negatives[:, i])
+        frames.append(
+            pd.DataFrame(
+                {
+                    "iteration": observed.iteration,
+                    "hook": hook,
+                    "layer": layer_of(hook),
+                    "side": sides,
+                    "pair": pairs,
+                    "group": groups,
+                    "x": x.numpy(),
+                    "y": y.numpy(),
+                }
+            )
+        )
+    if not frames:
+        return pd.DataFrame(columns=PROJECTION_COLUMNS)
+    return pd.concat(frames, ignore_index=True)
+
+
+def summarize(observed: Observed) -> ObservedSummary:
+    """The candidates and the 2-D coordinates of one iteration (what the figures need)."""
+    return ObservedSummary(
+        observed.iteration, list(observed.hooks), candidates(observed), projection(observed), observed.n_pairs
+    )
+
+
+def candidate_cosines(summary: ObservedSummary) -> pd.DataFrame:
+    """Layer x layer cosine matrix of one iteration's candidates (labels: layers, or hooks)."""
+    labels = _labels(summary.hooks)
+    frame = pd.DataFrame(cosine_matrix(summary.candidates).numpy(), index=labels, columns=labels)
+    frame.index.name, frame.columns.name = "layer", "layer"
+    return frame
+
+
+def measurable(groups: Sequence[Hashable]) -> bool:
+    """Separability needs pairs from at least 2 prompts (one is held out at a time)."""
+    return len(set(groups)) >= 2
+
+
+def layer_separability(observed: Observed, seed: int = 0) -> dict[str, Separability]:
+    """:func:`sims_lens.separability.separability` of every observed layer (NaN with fewer than 2 prompts)."""
+    nan = Separability(math.nan, math.nan, math.nan)
+    if not measurable(observed.groups):
+        return dict.fromkeys(observed.hooks, nan)
+    return {
+        hook: separability(observed.positives[:, i], observed.negatives[:, i], observed.groups, seed=seed)
+        for i, hook in enumerate(observed.hooks)
+    }
+
+
+def observed_rows(
+    observed: Observed,
+    *,
+    summary: ObservedSummary | None = None,
+    previous: Mapping[str, Tensor] | None = None,
+    first: Mapping[str, Tensor] | None = None,
+    policy: SteeringSet | None = None,
+    seed: int = 0,
+) -> list[MetricRow]:
+    """The ``analysis`` rows (:data:`OBSERVED_METRICS`) of every observed layer of one iteration.
+
+    ``previous`` / ``first``: the candidates (by hook) of the previous iteration and of iteration 1
+    (pass this iteration's own at iteration 1); ``policy``: the policy after this iteration, whose
+    direction at a steered hook gives ``candidate_cos_steered``. Rows whose reference is missing
+    are left out. ``seed`` is the run's seed (the loop's own separability rows use it too).
+    """
+    summary = summary if summary is not None else summarize(observed)
+    own = summary.by_hook()
+    measured = layer_separability(observed, seed)
+    t = observed.iteration
+    rows: list[MetricRow] = []
+    for hook in observed.hooks:
+        layer = layer_of(hook)
+        c = own[hook]
+        rows.append(metric_row(t, "analysis", "candidate_norm", float(c.norm()), layer))
+        for metric, other in (("candidate_cos_prev", previous), ("candidate_cos_first", first)):
+            if other is not None and hook in other:
+                rows.append(metric_row(t, "analysis", metric, cosine(c, other[hook]), layer))
+        if policy is not None and hook in policy.functions:
+            rows.append(metric_row(t, "analysis", "candidate_cos_steered", cosine(c, policy.direction(hook)), layer))
+        sep = measured[hook]
+        rows += [
+            metric_row(t, "analysis", "probe_accuracy", sep.probe_accuracy, layer),
+            metric_row(t, "analysis", "probe_accuracy_null", sep.probe_accuracy_null, layer),
+            metric_row(t, "analysis", "fisher_ratio", sep.fisher_ratio, layer),
+        ]
+    return rows
+
+
+def separability_frame(observed: Observed, seed: int = 0) -> pd.DataFrame:
+    """Per observed layer: ``hook, layer, probe_accuracy, probe_accuracy_null, fisher_ratio``."""
+    rows = [
+        {
+            "hook": hook,
+            "layer": layer_of(hook),
+            "probe_accuracy": sep.probe_accuracy,
+            "probe_accuracy_null": sep.probe_accuracy_null,
+            "fisher_ratio": sep.fisher_ratio,
+        }
+        for hook, sep in layer_separability(observed, seed).items()
+    ]
+    return pd.DataFrame(rows, columns=["hook", "layer", *SEPARABILITY_METRICS])
+
+
+def run_observed_rows(
+    run_dir: str | Path, seed: int | None = None, summaries: Mapping[int, ObservedSummary] | None = None
+) -> list[MetricRow]:
+    """:func:`observed_rows` of every observed iteration of a run folder (what the live callback writes).
+
+    The previous / first candidates come from the iterations before (iteration 1 included only if
+    it was observed); the policy from ``steering/iter_NNN``. ``seed``: default the run's.
+    """
+    folder = RunFolder(run_dir)
+    if seed is None:
+        seed = int(folder.read_config_table().get("seed", 0))
+    known: dict[int, ObservedSummary] = dict(summaries or {})
+    rows: list[MetricRow] = []
+    for t in observed_iterations(run_dir):
+        observed = load_observed(run_dir, t)
+        if observed is None:
+            continue
+        summary = known.get(t) or summarize(observed)
+        known[t] = summary
+        previous = known.get(t - 1)
+        first = known.get(1)
+        rows += observed_rows(
+            observed,
+            summary=summary,
+            previous=previous.by_hook() if previous is not None else None,
+            first=first.by_hook() if first is not None else None,
+            policy=folder.load_steering(t, "policy"),
+            seed=seed,
+        )
+    return rows
+
+
+def _float(x: Any) -> Tensor:
+    return torch.as_tensor(x).detach().float().cpu()
+
+
+def _labels(hooks: Sequence[str]) -> list[int] | list[str]:
+    layers = [layer_of(h) for h in hooks]
+    if None in layers or len(set(layers)) != len(layers):
+        return list(hooks)
+    return [int(layer) for layer in layers if layer is not None]

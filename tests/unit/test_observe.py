@@ -1,0 +1,316 @@
+"""Every layer observed at every iteration: the ``observe`` key, the one-pass capture of per-sample
+means, the loop's observed fields, and ``observed/iter_NNN.safetensors`` in the run folder."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from test_loop import Interrupt, StopAfter, tiny_sims
+
+from sims_lens.capture import capture_activations, capture_tokens, reduce_tokens
+from sims_lens.chat import Exchange, encode_chat, end_token_ids
+from sims_lens.config import (
+    ConfigError,
+    SimsConfig,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    resolve_observe,
+    to_toml,
+)
+from sims_lens.run import RunWriter, restore_state, sims_from_config
+from sims_lens.run_folder import ObservedActivations, RunFolder, RunFolderError, open_run
+from sims_lens.steering.functions import layer_of
+from sims_lens.tiny import tiny_model
+
+EVERY = [f"blocks.{layer}.hook_resid_post" for layer in range(4)]
+
+
+@pytest.fixture(scope="module")
+def tiny4():
+    """A 4-layer tiny model (d_model 64): observed layers other than the steered one exist."""
+    return tiny_model(n_layers=4, d_model=64, seed=1)
+
+
+def _exchanges(tok) -> list[Exchange]:
+    eos = tok.eos_token_id
+    return [
+        Exchange(tuple(encode_chat(tok, "Hi")), (50, 60, eos)),  # finished: its end token is left out
+        Exchange(tuple(encode_chat(tok, "Tell me a long story about the sea")), (80, 90, 95)),  # truncated
+        Exchange(tuple(encode_chat(tok, "Why?")), (eos,)),  # an empty answer keeps its one token
+    ]
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], "all"),
+        (['observe="all"'], "all"),
+        (['observe="none"'], "none"),
+        (["observe=none"], "none"),  # --set reads a bare word as text
+        (["observe=[15, 3, 3]"], [3, 15]),
+        (['observe="3,15"'], [3, 15]),
+        (["observe=3,15"], [3, 15]),
+        (["observe=[]"], "none"),
+    ],
+)
+def test_observe_is_all_none_or_layers_like_the_layers_key(overrides, expected):
+    assert load_config(None, overrides).observe == expected
+
+
+@pytest.mark.parametrize(
+    "override", ["observe=[true]", 'observe="some"', "observe=[-1]", "observe=3", 'observe="top:2"', "observe=[1.5]"]
+)
+def test_bad_observe_values_are_config_errors(override):
+    with pytest.raises(ConfigError, match=r"observe = .* is not allowed; use 'all' \(every layer\), 'none'"):
+        load_config(None, [override])
+
+
+def test_observe_round_trips_through_toml():
+    for overrides in (["observe=[2, 0]"], ['observe="none"'], []):
+        config = load_config(None, overrides)
+        assert config_from_dict(tomllib.loads(to_toml(config_to_dict(config)))) == config
+
+
+def test_resolve_observe_gives_the_models_layers_and_names_its_layer_count():
+    assert resolve_observe("all", 4) == [0, 1, 2, 3]
+    assert resolve_observe("none", 4) == []
+    assert resolve_observe([1, 3], 4) == [1, 3]
+    assert resolve_observe("3,1", 4) == [1, 3]
+    with pytest.raises(ConfigError, match=r"observe: \[4, 7\] out of range; the model has 4 layers \(0-3\)"):
+        resolve_observe([0, 4, 7], 4)
+
+
+def test_an_observed_layer_the_model_lacks_fails_before_any_work(tiny):
+    model, tok = tiny
+    config = tiny_sims(tiny, observe=[1, 5]).config
+    with pytest.raises(ConfigError, match=r"observe: \[5\] out of range; the model has 2 layers"):
+        sims_from_config(config, model=model, tokenizer=tok)
+
+
+def test_the_observed_hooks_are_the_observe_layers_at_the_configured_hook(tiny):
+    assert tiny_sims(tiny).observed_hooks == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    assert tiny_sims(tiny, observe=[1]).observed_hooks == ["blocks.1.hook_resid_post"]
+    assert tiny_sims(tiny, observe=[1], hook="hook_mlp_out").observed_hooks == ["blocks.1.hook_mlp_out"]
+    assert tiny_sims(tiny, observe="none").observed_hooks == []
+
+
+# ---------------------------------------------------------------- capture: one pass, means only
+
+
+def test_observed_means_are_the_per_token_capture_averaged_in_the_same_pass(tiny4, monkeypatch):
+    model, tok = tiny4
+    ends, pad = end_token_ids(tok), tok.pad_token_id
+    exchanges = _exchanges(tok)
+    steered = ["blocks.2.hook_resid_post"]
+    cached: list[set[str]] = []
+    run_with_cache = model.run_with_cache
+
+    def spy(*args, **kwargs):
+        out, cache = run_with_cache(*args, **kwargs)
+        cached.append(set(cache.keys()))
+        return out, cache
+
+    monkeypatch.setattr(model, "run_with_cache", spy)
+    captured = capture_activations(model, exchanges, steered, pad, batch_size=2, end_ids=ends, mean_hooks=EVERY)
+    # one forward per batch, and only the steered hook is ever cached: the others are reduced in the forward
+    assert len(cached) == 2 and all({layer_of(name) for name in keys} <= {2} for keys in cached)
+    monkeypatch.undo()
+
+    assert captured.means.shape == (3, 4, 64) and captured.means.dtype == torch.float32
+    per_token = capture_tokens(model, exchanges, EVERY, pad, batch_size=2, end_ids=ends)
+    assert [len(t) for t in per_token] == [2, 3, 1]  # the same spans: end tokens out, an empty answer kept
+    torch.testing.assert_close(captured.means, reduce_tokens(per_token, "mean"), atol=1e-5, rtol=1e-5)
+
+    # the steered hook: the learner's tokens are unchanged by observing, and its mean is theirs (captured once)
+    alone = capture_tokens(model, exchanges, steered, pad, batch_size=2, end_ids=ends)
+    assert [tuple(t.shape) for t in captured.tokens] == [(2, 1, 64), (3, 1, 64), (1, 1, 64)]
+    assert all(torch.equal(a, b) for a, b in zip(captured.tokens, alone, strict=True))
+    assert torch.equal(captured.means[:, 2], reduce_tokens(captured.tokens, "mean")[:, 0])
+
+    # observing without steered hooks keeps no tokens; another batch size only changes the padding
+    only = capture_activations(model, exchanges, [], pad, batch_size=3, end_ids=ends, mean_hooks=EVERY)
+    assert [tuple(t.shape) for t in only.tokens] == [(2, 0, 64), (3, 0, 64), (1, 0, 64)]
+    torch.testing.assert_close(only.means, captured.means, atol=1e-4, rtol=1e-4)
+
+    nothing = capture_activations(model, exchanges, steered, pad, end_ids=ends)
+    assert nothing.means.shape == (3, 0, 64)
+    with pytest.raises(ValueError, match="at least one hook point"):
+        capture_activations(model, exchanges, [], pad)
+
+
+# ---------------------------------------------------------------- the loop and the run folder
+
+
+def _run(model_tok, out: Path, stop_after: int | None = None, **settings) -> tuple[RunFolder, list]:
+    """A tiny run into ``out`` (resumed if it exists), with the run folder writer; stops after ``stop_after``."""
+    sims = tiny_sims(model_tok, **settings)
+    resume = RunFolder(out).has_config()
+    folder, _, _ = open_run(out, None if resume else sims.config, resume=resume)
+    sims.state = restore_state(folder, sims)
+    sims.callbacks = [RunWriter(folder, sims.model)] + ([StopAfter(stop_after + 1)] if stop_after else [])
+    results: list = []
+    with contextlib.suppress(Interrupt):
+        for result in sims.iterate():
+            results.append(result)
+    return folder, results
+
+
+def _pair_prompts(folder: RunFolder, iteration: int) -> list[str]:
+    return [p["prompt_id"] for p in folder.read_pairs() if p["update"] == iteration]
+
+
+def test_a_run_writes_every_observed_layer_of_every_iteration(tiny4, tmp_path: Path):
+    folder, results = _run(tiny4, tmp_path / "run", layers=[1])  # 2 iterations, steering layer 1 only
+    assert [r.iteration for r in results] == [1, 2]
+    assert folder.observed_iterations() == [1, 2]
+    assert sorted(p.name for p in folder.observed_dir.iterdir()) == ["iter_001.safetensors", "iter_002.safetensors"]
+    for result in results:
+        t, n_pairs = result.iteration, len(result.selection.pairs)
+        loaded = folder.load_observed(t)
+        assert isinstance(loaded, ObservedActivations) and loaded.iteration == t
+        assert loaded.hooks == result.observed_hooks == EVERY
+        assert loaded.layers == result.observed_layers == [0, 1, 2, 3]
+        assert loaded.groups == result.groups == _pair_prompts(folder, t)
+        assert result.groups == [p.positive.prompt_id for p in result.selection.pairs]
+        assert loaded.positives.shape == loaded.negatives.shape == (n_pairs, 4, 64)
+        assert loaded.positives.dtype == loaded.negatives.dtype == torch.float32
+        assert torch.equal(loaded.positives, result.observed_positives)
+        assert torch.equal(loaded.negatives, result.observed_negatives)
+        # the steered layer is one of the observed ones, with the very means the metrics used
+        assert result.hooks == ["blocks.1.hook_resid_post"]
+        assert torch.equal(result.observed_positives[:, 1], result.positives[:, 0])
+        assert torch.equal(result.observed_negatives[:, 1], result.negatives[:, 0])
+        assert not torch.equal(result.observed_positives[:, 0], result.observed_positives[:, 1])
+        with safe_open(str(folder.observed_path(t)), framework="pt") as handle:
+            assert sorted(handle.keys()) == ["negatives", "positives"]
+            meta = json.loads(handle.metadata()["sims_lens"])
+        assert (meta["iteration"], meta["hooks"], meta["layers"]) == (t, EVERY, [0, 1, 2, 3])
+
+
+def test_observing_a_list_of_layers_records_their_token_means(tiny4):
+    model, tok = tiny4
+    sims = tiny_sims(tiny4, layers=[2], observe=[0, 2], iterations=1)
+    [result] = list(sims.iterate())
+    assert result.observed_hooks == ["blocks.0.hook_resid_post", "blocks.2.hook_resid_post"]
+    assert result.observed_positives.shape == (len(result.selection.pairs), 2, 64)
+    assert torch.equal(result.observed_positives[:, 1], result.positives[:, 0])  # the steered layer, captured once
+    for side, observed in (("positive", result.observed_positives), ("negative", result.observed_negatives)):
+        exchanges = [getattr(pair, side).exchange for pair in result.selection.pairs]
+        tokens = capture_tokens(
+            model, exchanges, ["blocks.0.hook_resid_post"], tok.pad_token_id, 8, end_ids=end_token_ids(tok)
+        )
+        torch.testing.assert_close(observed[:, 0], reduce_tokens(tokens, "mean")[:, 0], atol=1e-5, rtol=1e-5)
+    # Sims.capture still gives the steered tokens alone, as before
+    positives, negatives = sims.capture(1, result.selection, result.hooks)
+    assert torch.equal(reduce_tokens(positives, "mean"), result.positives)
+    assert torch.equal(reduce_tokens(negatives, "mean"), result.negatives)
+
+
+def test_top_k_keeps_every_observed_layer_in_the_batch_it_reuses(tiny4):
+    sims = tiny_sims(tiny4, layers="top:1", iterations=1, prompts_per_iteration=8)
+    [result] = list(sims.iterate())
+    [layer] = sims.state.layers
+    assert result.hooks == [f"blocks.{layer}.hook_resid_post"] and result.observed_hooks == EVERY
+    assert result.observed_positives.shape == (len(result.selection.pairs), 4, 64)
+    torch.testing.assert_close(result.observed_positives[:, layer], result.positives[:, 0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(result.observed_negatives[:, layer], result.negatives[:, 0], atol=1e-6, rtol=1e-6)
+
+
+def test_observe_none_gives_empty_observed_tensors_and_no_file(tiny, tmp_path: Path):
+    folder, [result] = _run(tiny, tmp_path / "run", observe="none", iterations=1)
+    n_pairs = len(result.selection.pairs)
+    assert result.observed_hooks == [] and result.observed_layers == []
+    assert result.observed_positives.shape == result.observed_negatives.shape == (n_pairs, 0, 64)
+    assert result.groups == [p.positive.prompt_id for p in result.selection.pairs]
+    assert folder.completed_iterations == 1
+    assert not folder.observed_dir.exists() and folder.observed_iterations() == [] and folder.load_observed(1) is None
+
+
+def test_a_resumed_run_keeps_the_observed_files_of_finished_iterations(tiny4, tmp_path: Path):
+    out = tmp_path / "run"
+    folder, results = _run(tiny4, out, stop_after=1, layers=[1])
+    assert [r.iteration for r in results] == [1] and folder.observed_iterations() == [1]
+    first = folder.observed_path(1).read_bytes()
+    folder, results = _run(tiny4, out, layers=[1])
+    assert [r.iteration for r in results] == [2]
+    assert folder.observed_iterations() == [1, 2] and folder.observed_path(1).read_bytes() == first
+    for t in (1, 2):
+        loaded = folder.load_observed(t)
+        assert loaded is not None and loaded.groups == _pair_prompts(folder, t)
+        assert loaded.positives.shape == (len(loaded.groups), 4, 64)
+
+
+# ---------------------------------------------------------------- the observed files
+
+
+def _activations(n_pairs: int = 3, n_hooks: int = 2, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n_pairs, n_hooks, d, generator=g), torch.randn(n_pairs, n_hooks, d, generator=g)
+
+
+def test_observed_files_round_trip_and_respect_completed_iterations(tmp_path: Path):
+    folder, _, _ = open_run(tmp_path / "run", SimsConfig(), resume=False)
+    hooks, groups = ["blocks.0.hook_resid_post", "blocks.3.hook_resid_post"], ["p1", "p2", "p1"]
+    pos, neg = _activations()
+    path = folder.save_observed(1, hooks, pos, neg, groups)
+    assert path == folder.observed_path(1) == tmp_path / "run" / "observed" / "iter_001.safetensors"
+    assert folder.load_observed(1) is None and folder.observed_iterations() == []  # not finished yet
+    folder.finish_iteration(1, [15])
+    loaded = folder.load_observed(1)
+    assert loaded is not None
+    assert (loaded.iteration, loaded.hooks, loaded.layers, loaded.groups) == (1, hooks, [0, 3], groups)
+    assert torch.equal(loaded.positives, pos) and torch.equal(loaded.negatives, neg)
+    with safe_open(str(path), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["sims_lens"])
+    assert meta == {
+        "format": "sims-lens-observed",
+        "format_version": 1,
+        "iteration": 1,
+        "hooks": hooks,
+        "layers": [0, 3],
+        "groups": groups,
+    }
+    first = path.read_bytes()
+    folder.save_observed(1, hooks, pos.clone(), neg.clone(), groups)
+    assert path.read_bytes() == first  # deterministic, so a resumed run writes the same bytes
+    assert not list(folder.observed_dir.glob(".*"))  # no temporary file left behind
+
+    # an iteration that crashed before finishing: ignored by readers, dropped when the run is reopened
+    folder.save_observed(2, hooks, pos, neg, groups)
+    assert folder.observed_iterations() == [1] and folder.load_observed(2) is None
+    reopened, _, done = open_run(folder.path, None, resume=True)
+    assert done == 1 and not folder.observed_path(2).exists() and reopened.observed_iterations() == [1]
+    again = reopened.load_observed(1)
+    assert again is not None and torch.equal(again.positives, pos)
+    assert reopened.load_observed(7) is None
+
+
+def test_save_observed_refuses_what_does_not_fit_and_load_refuses_a_foreign_file(tmp_path: Path):
+    folder = RunFolder(tmp_path)
+    pos, neg = _activations()
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    with pytest.raises(ValueError, match="no observed hooks"):
+        folder.save_observed(1, [], pos[:, :0], neg[:, :0], ["a", "b", "c"])
+    with pytest.raises(ValueError, match="do not match"):
+        folder.save_observed(1, hooks[:1], pos, neg, ["a", "b", "c"])
+    with pytest.raises(ValueError, match="do not match"):
+        folder.save_observed(1, hooks, pos, neg, ["a", "b"])
+    with pytest.raises(ValueError, match="alike"):
+        folder.save_observed(1, hooks, pos, neg[:2], ["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"blocks\.L"):
+        folder.save_observed(1, ["hook_embed", hooks[1]], pos, neg, ["a", "b", "c"])
+    assert not folder.observed_dir.exists()
+    folder.observed_dir.mkdir()
+    folder.observed_path(1).write_bytes(b"not a safetensors file")
+    with pytest.raises(RunFolderError, match="not a readable observed-activations file"):
+        folder.load_observed(1)
