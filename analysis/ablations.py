@@ -143,8 +143,6 @@ def ablate_run(
     the loop's own held-out evaluation, so the ``base`` row repeats ``heldout_base.jsonl``); the
     keyword arguments shrink them for a quick look.
     """
-    from sims_lens.oracles import make_oracle
-    from sims_lens.prompts import load_prompts
 
     folder = RunFolder(run_dir)
     config = folder.read_config()
@@ -156,12 +154,8 @@ def ablate_run(
         raise ValueError(f"{folder.path} has no steering for iteration {iteration}; it has {iterations}")
     steering = folder.load_steering(iteration, "policy", model)
     assert steering is not None
-    source = config.heldout_prompts
-    prompts = load_prompts(source, "heldout" if source == "builtin" else None)[: heldout_size or config.heldout_size]
-    if oracle is None:
-        oracle = make_oracle(config.oracle, config.oracle_settings(), model=model, tokenizer=tokenizer)
-    settings = GenerationSettings(
-        max_new_tokens or config.max_new_tokens, config.temperature, config.top_p, config.batch_size, True
+    prompts, oracle, settings = _run_setup(
+        config, model, tokenizer, heldout_size or config.heldout_size, max_new_tokens, oracle
     )
     return ablate(
         model,
@@ -294,8 +288,6 @@ def layer_sweep(
     evaluation come from ``config.toml``. Each layer's separability of that iteration comes from
     ``analysis_metrics.csv``, or is computed from the activations where it is missing there.
     """
-    from sims_lens.oracles import make_oracle
-    from sims_lens.prompts import load_prompts
 
     folder = RunFolder(run_dir)
     config = folder.read_config()
@@ -322,14 +314,8 @@ def layer_sweep(
         if not norms:
             raise ValueError(f"{folder.path} has no policy for iteration {iteration}; pass norm=")
         norm = sum(norms) / len(norms)
-    if prompts is None:
-        source = config.heldout_prompts
-        prompts = load_prompts(source, "heldout" if source == "builtin" else None)[:heldout_size]
-    if oracle is None:
-        oracle = make_oracle(config.oracle, config.oracle_settings(), model=model, tokenizer=tokenizer)
-    settings = GenerationSettings(
-        max_new_tokens or config.max_new_tokens, config.temperature, config.top_p, config.batch_size, True
-    )
+    run_prompts, oracle, settings = _run_setup(config, model, tokenizer, heldout_size, max_new_tokens, oracle)
+    prompts = run_prompts if prompts is None else prompts
     return sweep_layers(
         model,
         tokenizer,
@@ -365,3 +351,20 @@ def _label(hook: str) -> str:
 def _name(hook: str) -> str:
     layer = layer_of(hook)
     return f"layer {layer}" if layer is not None else hook
+
+
+def _run_setup(
+    config: Any, model: Any, tokenizer: Any, heldout_size: int, max_new_tokens: int | None, oracle: Any
+) -> tuple[list[Prompt], Any, GenerationSettings]:
+    """A run's first ``heldout_size`` held-out prompts, its oracle (unless given) and its sampling settings."""
+    from sims_lens.oracles import make_oracle
+    from sims_lens.prompts import load_prompts
+
+    source = config.heldout_prompts
+    prompts = load_prompts(source, "heldout" if source == "builtin" else None)[:heldout_size]
+    if oracle is None:
+        oracle = make_oracle(config.oracle, config.oracle_settings(), model=model, tokenizer=tokenizer)
+    settings = GenerationSettings(
+        max_new_tokens or config.max_new_tokens, config.temperature, config.top_p, config.batch_size, True
+    )
+    return prompts, oracle, settings
