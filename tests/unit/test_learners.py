@@ -396,7 +396,8 @@ def test_several_labelings_of_the_same_rows_fit_independently() -> None:
     pos, neg = x[:12], x[12:]
     for j in range(4):
         [alone] = fit_logistic_labels(x, labels[j : j + 1], l2=1e-2)
-        assert torch.equal(together[j].weight, alone.weight) and torch.equal(together[j].bias, alone.bias)
+        torch.testing.assert_close(together[j].weight, alone.weight, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(together[j].bias, alone.bias, rtol=1e-9, atol=1e-12)
         swap = flips[j][:, None]
         swapped = fit_logistic(torch.where(swap, neg, pos), torch.where(swap, pos, neg), l2=1e-2)
         assert _cos(together[j].weight, swapped.weight) > 1 - 1e-9

@@ -101,8 +101,8 @@ def fit_logistic_labels(
     that span (from the SVD of ``Z``, rank at most ``n``) the problem in ``w = V a`` is the same
     logistic regression on the ``n x rank`` features ``Z V``, with the same penalty
     (``||w|| = ||a||``): an exact reformulation, cheap when ``d >> n``. Each labeling is then fitted
-    by scikit-learn (:func:`_sklearn_logistic`); the objective is strictly convex and lbfgs starts
-    from zero, so the result is deterministic and free of random numbers.
+    by :func:`newton_logistic` (all labelings in one batch); the objective is strictly convex, so the
+    result is deterministic and free of random numbers.
     The labelings share the factorisation (the separability measures' permutation nulls relabel
     the same rows); each one's fit does not depend on the others. Returns one classifier per
     labeling in raw space, in ``x``'s dtype and on its device.
@@ -119,16 +119,62 @@ def fit_logistic_labels(
     sigma = rows.std(dim=0, unbiased=False)
     sigma = torch.where(sigma > 1e-8 * sigma.max().clamp_min(1e-30), sigma, torch.ones_like(sigma))
     features, basis = _span_coordinates(((rows - mu) / sigma).cpu().numpy())
+    if not ((targets.sum(1) > 0) & (targets.sum(1) < targets.shape[1])).all():
+        raise ValueError("every labeling needs both labels (1 and 0) among the rows")
+    weights, biases = newton_logistic(features, targets, l2, max_iter)
     classifiers = []
-    for y in targets:
-        if not 0 < y.sum() < y.size:
-            raise ValueError("every labeling needs both labels (1 and 0) among the rows")
-        a, b = _sklearn_logistic(features, y, l2, True, max_iter)
+    for a, b in zip(weights, biases, strict=True):
         w = torch.from_numpy(a if basis is None else basis @ a).to(device=x.device)
         w_raw = w / sigma
         b_raw = b - (mu / sigma) @ w
         classifiers.append(LinearClassifier(weight=w_raw.to(x.dtype), bias=b_raw.to(x.dtype)))
     return classifiers
+
+
+def newton_logistic(
+    features: np.ndarray, targets: np.ndarray, l2: float, max_iter: int = 200
+) -> tuple[np.ndarray, np.ndarray]:
+    """Minimise ``mean BCE(f . a + b, y) + l2/2 ||a||^2`` for every labeling ``y`` of ``targets`` at once.
+
+    Newton's method with backtracking, batched over the ``k`` labelings (float64): the objective is
+    smooth and strictly convex in ``a`` and ``b`` jointly when both labels occur, so it converges
+    to the same optimum as scikit-learn's lbfgs (:func:`_sklearn_logistic`, tested) until the squared
+    Newton decrement (about twice the remaining gap) is below 1e-14, in a few steps and without
+    scikit-learn's per-fit overhead (the separability measures fit 30 probes per layer and
+    iteration). Returns ``a`` ``[k, r]`` and ``b`` ``[k]``.
+    """
+    k, n = targets.shape
+    design = np.hstack([features, np.ones((n, 1))])  # [n, r + 1]; the bias is the last coordinate
+    penalty = np.full(design.shape[1], l2)
+    penalty[-1] = 0.0
+    theta = np.zeros((k, design.shape[1]))
+
+    def objective(t: np.ndarray) -> np.ndarray:
+        z = t @ design.T
+        return (np.logaddexp(0.0, z) - targets * z).mean(1) + 0.5 * (penalty * t * t).sum(1)
+
+    value = objective(theta)
+    for _ in range(max_iter):
+        p = 0.5 * (1.0 + np.tanh(0.5 * (theta @ design.T)))  # a sigmoid that never overflows
+        gradient = (p - targets) @ design / n + penalty * theta
+        curvature = np.einsum("kn,ni,nj->kij", p * (1 - p) / n, design, design) + np.diag(penalty)
+        step = np.linalg.solve(curvature, gradient[..., None])[..., 0]
+        decrease = (gradient * step).sum(1)  # the squared Newton decrement: twice the gap to the optimum, near it
+        active = decrease > 1e-14  # converged labelings (gap below 1e-14) stay put
+        if not active.any():
+            break
+        step[~active] = 0.0
+        decrease[~active] = 0.0
+        scale = np.ones(k)
+        for _ in range(40):  # backtracking (Armijo): halve a labeling's step until its objective drops
+            trial = theta - scale[:, None] * step
+            trial_value = objective(trial)
+            worse = active & (trial_value > value - 1e-4 * scale * decrease + 1e-14)  # slack: rounding
+            if not worse.any():
+                break
+            scale = np.where(worse, scale / 2, scale)
+        theta, value = trial, trial_value
+    return theta[:, :-1], theta[:, -1]
 
 
 def _span_coordinates(z: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
