@@ -1,7 +1,8 @@
 """Capture activations of response tokens through hook points (ARCHITECTURE.md, "The method", step 5).
 
-The base model is run on (prompt, response) token sequences in left-padded batches with
-``run_with_cache`` restricted to the requested hook points. Only response tokens count: never the
+The base model is run on (prompt, response) token sequences in left-padded batches, with hooks that
+record only the requested hook points; the forward ends after the deepest block they need (the
+layers above and the unembedding never run). Only response tokens count: never the
 prompt, never the padding, and (given ``end_ids``) never the end-of-turn token that closes a
 finished response, so a finished and a truncated response are both captured over their content
 tokens alone. Per sample they are reduced to their mean or last token, or kept per token (HPR pairs
@@ -15,6 +16,7 @@ are reduced inside the forward, so their token activations are never kept at all
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -108,9 +110,12 @@ def capture_activations(
         width = ids.shape[1]
         spans = [(width - len(ex.response_ids), captured_length(ex.response_ids, end_ids)) for ex in chunk]
         reduced: dict[int, Tensor] = {}
-        reducers = [(name, _span_means(spans, reduced, k)) for k, name in alone]
-        with model.hooks(fwd_hooks=reducers):
-            _, cache = model.run_with_cache(ids, names_filter=lambda name: name in wanted, **kwargs)
+        cache: dict[str, Tensor] = {}
+        recorders = [(name, _span_means(spans, reduced, k)) for k, name in alone]
+        recorders += [(name, _keep(cache, name)) for name in hooks]
+        stop = _stop_after(model, [*hooks, *mean_hooks])
+        with model.hooks(fwd_hooks=recorders + stop), contextlib.suppress(_ForwardDone):
+            model(ids, **kwargs)
         if hooks:
             stacked = torch.stack([cache[h] for h in hooks], dim=2)  # [batch, pos, n_hooks, d_model]
             chunk_tokens = [stacked[row, start : start + kept].float().cpu() for row, (start, kept) in enumerate(spans)]
@@ -143,6 +148,41 @@ def _span_means(spans: Sequence[tuple[int, int]], out: dict[int, Tensor], key: i
         )
 
     return hook_fn
+
+
+class _ForwardDone(Exception):
+    """Raised by the last hook a capture needs: the layers above it (and the unembedding) never run."""
+
+
+def _keep(cache: dict[str, Tensor], name: str) -> Callable[[Tensor, Any], None]:
+    def hook_fn(act: Tensor, hook: Any) -> None:
+        cache[name] = act.detach()
+
+    return hook_fn
+
+
+def _stop_after(model: Any, names: Sequence[str]) -> list[tuple[str, Callable[[Tensor, Any], None]]]:
+    """A hook on the output of the deepest block that ``names`` reach, ending the forward there.
+
+    Only for per-layer hook points (``blocks.L.*``): every hook inside block L fires before its
+    output. Anything else (the embedding, the final norm) keeps the whole forward.
+    """
+    layers = [_block_of(name) for name in names]
+    if any(layer is None for layer in layers):
+        return []
+    deepest = f"blocks.{max(layer for layer in layers if layer is not None)}.hook_out"
+    if deepest not in model.hook_dict:
+        return []
+
+    def stop(act: Tensor, hook: Any) -> None:
+        raise _ForwardDone
+
+    return [(deepest, stop)]
+
+
+def _block_of(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) >= 3 and parts[0] == "blocks" and parts[1].isdigit() else None
 
 
 def capture_tokens(

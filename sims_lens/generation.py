@@ -1,12 +1,23 @@
-"""Batched, KV-cached generation with left padding, under whatever steering hooks are active.
+"""Batched, KV-cached sampling with left padding, under whatever steering hooks are active.
 
 The current policy is the model plus the steering hooks attached around the call, so the same
-function samples from pi_0 (no hooks) and pi_t (``with apply_steering(...)``). Positions are
-tracked so that position-aware steering never touches left padding.
+function samples from pi_0 (no hooks) and pi_t (``with apply_steering(...)``). The decode loop
+drives the bridge's plain Hugging Face twin (:mod:`sims_lens.plain_twin`: the same weights, the
+hooks on the bridge's hook points still run) or, where the active hooks need it, the bridge's own
+module, and does per batch only what the work needs (ARCHITECTURE.md, "Sampling"):
+
+- prompts are sorted by length before batching (less left padding) and the results returned in
+  the caller's order;
+- identical prompts in a batch (SIMS asks for K samples of each prompt) are prefilled once and
+  their KV cache is shared by the K rows;
+- the prefill computes logits for the last position only;
+- rows that have ended leave the batch (their KV cache rows are dropped) once enough have ended;
+- every row draws its randomness from its own stream (``derive_seed(seed, "sample", index)``), one
+  uniform per step, so a sampled response does not depend on the batch it ran in: batched equals
+  one by one, cached equals uncached, for sampling as for greedy decoding.
 
 A row stops at the first of *any* of its end tokens (:func:`sims_lens.chat.end_token_ids`: EOS,
-the chat turn end and the others the tokenizer knows), which TransformerBridge 4.3's ``generate``
-takes as a list (``eos_token_id=[...]``); the response span runs up to and including that token.
+the chat turn end and the others the tokenizer knows); the response runs up to and including it.
 """
 
 from __future__ import annotations
@@ -16,8 +27,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from jaxtyping import Float, Int
+from torch import Tensor
 
 from sims_lens.chat import Exchange, encode_chat, end_token_ids, left_pad, split_generated
+from sims_lens.plain_twin import hooked_forward
 from sims_lens.seeds import derive_seed
 from sims_lens.steering.positions import track_positions
 
@@ -43,7 +57,7 @@ class GenerationSettings:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_ids(
     model: Any,
     tokenizer: Any,
@@ -52,40 +66,159 @@ def generate_ids(
     seed: int | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[Exchange]:
-    """Generate one response per prompt (token ids in, exchanges out), in left-padded batches.
+    """Generate one response per prompt (token ids in, exchanges out, in the prompts' order).
 
     Each row stops at the first token of :func:`~sims_lens.chat.end_token_ids` (all of them, not
-    just EOS) or after ``max_new_tokens``; finished rows of a batch are padded until the rest end.
+    just EOS) or after ``max_new_tokens``. With ``seed`` the output is reproducible and the same
+    for any ``batch_size``; without it sampling draws from torch's global generator.
     """
+    if not prompts:
+        return []
     eos = end_token_ids(tokenizer)
     pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0))
-    device = next(model.parameters()).device
-    out: list[Exchange] = []
-    for start in range(0, len(prompts), settings.batch_size):
-        chunk = prompts[start : start + settings.batch_size]
-        ids, mask = left_pad(chunk, pad_id)
-        with torch.random.fork_rng(devices=[]):
-            if seed is not None:
-                torch.manual_seed(derive_seed(seed, "batch", start))
-            with track_positions(model, mask):
-                tokens = model.generate(
-                    ids.to(device),
-                    attention_mask=mask.to(device),
-                    max_new_tokens=settings.max_new_tokens,
-                    do_sample=settings.temperature > 0,
-                    temperature=settings.temperature if settings.temperature > 0 else 1.0,
-                    top_p=settings.top_p if settings.temperature > 0 and settings.top_p < 1 else None,
-                    eos_token_id=eos or None,  # a list: TransformerBridge stops a row at any of them
-                    stop_at_eos=bool(eos),
-                    use_past_kv_cache=settings.use_kv_cache,
-                    return_type="tokens",
-                    verbose=False,
-                )
-        for row in range(len(chunk)):
-            out.append(split_generated(tokens[row].tolist(), ids.shape[1], mask[row].tolist(), eos))
+    uniforms = row_uniforms(len(prompts), settings, seed)
+    order = batch_order(prompts)
+    responses: dict[int, list[int]] = {}
+    for start in range(0, len(order), settings.batch_size):
+        rows = order[start : start + settings.batch_size]
+        tokens = _generate_batch(
+            model, [prompts[i] for i in rows], None if uniforms is None else uniforms[rows], settings, eos, pad_id
+        )
+        for i, row_tokens in zip(rows, tokens, strict=True):
+            responses[i] = row_tokens
         if on_batch is not None:
-            on_batch(len(chunk))
-    return out
+            on_batch(len(rows))
+    return [split_generated(list(p) + responses[i], len(p), [1] * len(p), eos) for i, p in enumerate(prompts)]
+
+
+def row_uniforms(n_rows: int, settings: GenerationSettings, seed: int | None) -> Float[Tensor, "row step"] | None:
+    """One uniform in [0, 1) per row and step (None under greedy decoding); row i's from its own seed."""
+    if settings.temperature == 0:
+        return None
+    if seed is None:
+        return torch.rand(n_rows, settings.max_new_tokens, dtype=torch.float64)
+    return torch.stack(
+        [
+            torch.rand(
+                settings.max_new_tokens,
+                generator=torch.Generator().manual_seed(derive_seed(seed, "sample", row)),
+                dtype=torch.float64,
+            )
+            for row in range(n_rows)
+        ]
+    )
+
+
+def batch_order(prompts: Sequence[Sequence[int]]) -> list[int]:
+    """Row indices by prompt length, identical prompts kept together (less padding, shared prefill)."""
+    first: dict[tuple[int, ...], int] = {}
+    for i, p in enumerate(prompts):
+        first.setdefault(tuple(p), i)
+    return sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), first[tuple(prompts[i])], i))
+
+
+def choose_tokens(
+    logits: Float[Tensor, "batch vocab"], uniforms: Float[Tensor, " batch"] | None, settings: GenerationSettings
+) -> Int[Tensor, " batch"]:
+    """The next token of every row: argmax (greedy), else inverse-CDF sampling at temperature and top-p.
+
+    Top-p keeps the most probable tokens up to and including the one whose cumulative probability
+    reaches ``top_p`` (as Hugging Face does); the row's uniform picks among them in descending order.
+    """
+    if uniforms is None:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.double() / settings.temperature, dim=-1)
+    order: Tensor | None = None
+    if settings.top_p < 1:
+        probs, order = probs.sort(dim=-1, descending=True, stable=True)
+        before = probs.cumsum(-1) - probs
+        probs = probs.masked_fill(before >= settings.top_p, 0.0)
+    cumulative = probs.cumsum(-1)
+    threshold = (uniforms.to(cumulative.device) * cumulative[:, -1]).unsqueeze(-1)
+    index = torch.searchsorted(cumulative, threshold, right=True).clamp(max=probs.shape[-1] - 1)
+    if order is not None:
+        index = order.gather(-1, index)
+    return index.squeeze(-1)
+
+
+def _forward(
+    lm: Any, ids: Int[Tensor, "batch pos"], mask: Int[Tensor, "batch total"], cache: Any
+) -> tuple[Float[Tensor, "batch vocab"], Any]:
+    """Logits of each row's last position, and the KV cache (None when not caching)."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+    out = lm(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=cache is not None,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1].float(), out.past_key_values if cache is not None else None
+
+
+def _generate_batch(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    uniforms: Float[Tensor, "batch step"] | None,
+    settings: GenerationSettings,
+    eos: list[int],
+    pad_id: int,
+) -> list[list[int]]:
+    """Each row's generated tokens (up to ``max_new_tokens``; cut at the first end token later)."""
+    device = next(model.parameters()).device
+    unique: dict[tuple[int, ...], int] = {}
+    expand = torch.tensor([unique.setdefault(tuple(p), len(unique)) for p in prompts])
+    ids, mask = left_pad(list(unique), pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    ends = torch.tensor(eos, dtype=torch.long, device=device)
+    n_rows = len(prompts)
+    out = torch.full((n_rows, settings.max_new_tokens), pad_id, dtype=torch.long)
+    rows = expand.to(device)
+    with track_positions(model, mask) as tracker, hooked_forward(model) as lm:
+        cache: Any = _empty_cache(lm) if settings.use_kv_cache else None
+        if cache is not None:  # prefill each distinct prompt once, then share its cache by its rows
+            logits, cache = _forward(lm, ids, mask, cache)
+            logits = logits[rows]
+            if len(unique) < n_rows:
+                cache.reorder_cache(rows)
+        ids, mask = ids[rows], mask[rows]
+        tracker.select_rows(expand)
+        if cache is None:
+            logits, _ = _forward(lm, ids, mask, None)
+        active = torch.arange(n_rows)
+        finished = torch.zeros(n_rows, dtype=torch.bool)
+        for step in range(settings.max_new_tokens):
+            step_uniforms = None if uniforms is None else uniforms[active, step]
+            new = choose_tokens(logits, step_uniforms, settings)
+            out[active, step] = new.cpu()
+            finished[active] |= torch.isin(new, ends).cpu()
+            if bool(finished.all()) or step == settings.max_new_tokens - 1:
+                break
+            keep = (~finished[active]).nonzero().squeeze(-1)
+            if _worth_compacting(len(active) - len(keep), len(active)):
+                active, new, ids, mask = active[keep], new[keep.to(device)], ids[keep.to(device)], mask[keep.to(device)]
+                if cache is not None:
+                    cache.reorder_cache(keep.to(device))
+                tracker.select_rows(keep)
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+            if cache is not None:
+                logits, cache = _forward(lm, new.unsqueeze(-1), mask, cache)
+            else:
+                ids = torch.cat([ids, new.unsqueeze(-1)], dim=1)
+                logits, _ = _forward(lm, ids, mask, None)
+    return [row.tolist() for row in out]
+
+
+def _worth_compacting(n_finished: int, n_active: int) -> bool:
+    """Drop ended rows once they are a quarter of the batch: reindexing the cache costs about a step."""
+    return n_finished > 0 and 4 * n_finished >= n_active
+
+
+def _empty_cache(lm: Any) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(config=lm.config)
 
 
 def generate(

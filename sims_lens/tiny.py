@@ -62,9 +62,31 @@ def tiny_tokenizer(vocab_size: int = 400) -> Any:
 
 
 def tiny_model(
-    n_layers: int = 2, d_model: int = 64, n_heads: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
+    n_layers: int = 2,
+    d_model: int = 64,
+    n_heads: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    init_std: float = 0.02,
 ) -> tuple[Any, Any]:
-    """A random-weight Llama inside a TransformerBridge, and its tokenizer; no download."""
+    """A random-weight Llama inside a TransformerBridge, and its tokenizer; no download.
+
+    ``init_std`` is the weights' standard deviation: the default gives near-uniform next-token
+    distributions, a larger one (0.3) a peaked model whose text a large edit visibly breaks.
+    """
+    model, tokenizer = tiny_hf_model(n_layers, d_model, n_heads, seed, dtype, init_std)
+    return boot_bridge(model, tokenizer, "sims-lens/tiny-llama", dtype, "cpu"), tokenizer
+
+
+def tiny_hf_model(
+    n_layers: int = 2,
+    d_model: int = 64,
+    n_heads: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    init_std: float = 0.02,
+) -> tuple[Any, Any]:
+    """The plain Hugging Face Llama that :func:`tiny_model` wraps (same weights for the same seed)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = tiny_tokenizer()
@@ -80,10 +102,11 @@ def tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        initializer_range=init_std,
         architectures=["LlamaForCausalLM"],
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.to(dtype)  # type: ignore[arg-type]  # transformers' stubs do not know dtypes
     model.eval()
-    return boot_bridge(model, tokenizer, "sims-lens/tiny-llama", dtype, "cpu"), tokenizer
+    return model, tokenizer

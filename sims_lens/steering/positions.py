@@ -68,6 +68,12 @@ class PositionTracker:
     def prompt_width(self) -> int:
         return int(self.prompt_mask.shape[1])
 
+    def select_rows(self, rows: Int[Tensor, " rows"]) -> None:
+        """The following forwards run these rows of the batch, in this order (rows repeated or dropped)."""
+        self.prompt_mask = self.prompt_mask[rows.cpu()]
+        self.pad_counts = (~self.prompt_mask).sum(-1)
+        self.masks.clear()
+
     def advance(self, seq_len: int) -> None:
         """Record one forward of ``seq_len`` tokens (prefill, cached step or full re-run)."""
         self.offset = self.seen if (seq_len == 1 and self.seen > 0) else 0

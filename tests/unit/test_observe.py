@@ -26,7 +26,6 @@ from sims_lens.config import (
 )
 from sims_lens.run import RunWriter, restore_state, sims_from_config
 from sims_lens.run_folder import ObservedActivations, RunFolder, RunFolderError, open_run
-from sims_lens.steering.functions import layer_of
 from sims_lens.tiny import tiny_model
 
 EVERY = [f"blocks.{layer}.hook_resid_post" for layer in range(4)]
@@ -97,6 +96,22 @@ def test_an_observed_layer_the_model_lacks_fails_before_any_work(tiny):
         sims_from_config(config, model=model, tokenizer=tok)
 
 
+def test_capture_stops_after_the_deepest_layer_it_needs(tiny4):
+    """Layers above the captured ones and the unembedding never run (the capture's speed-up)."""
+    model, tok = tiny4
+    fired: list[str] = []
+    sites = ["blocks.1.hook_resid_post", "blocks.2.hook_resid_pre", "blocks.3.hook_resid_post", "unembed.hook_out"]
+    with model.hooks(fwd_hooks=[(name, lambda act, hook, name=name: fired.append(name)) for name in sites]):
+        captured = capture_activations(
+            model, _exchanges(tok), ["blocks.1.hook_resid_post"], tok.pad_token_id, end_ids=end_token_ids(tok)
+        )
+    assert set(fired) == {"blocks.1.hook_resid_post"}
+    full = capture_tokens(
+        model, _exchanges(tok), ["blocks.1.hook_resid_post"], tok.pad_token_id, end_ids=end_token_ids(tok)
+    )
+    assert all(torch.equal(a, b) for a, b in zip(captured.tokens, full, strict=True))
+
+
 def test_the_observed_hooks_are_the_observe_layers_at_the_configured_hook(tiny):
     assert tiny_sims(tiny).observed_hooks == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
     assert tiny_sims(tiny, observe=[1]).observed_hooks == ["blocks.1.hook_resid_post"]
@@ -112,19 +127,10 @@ def test_observed_means_are_the_per_token_capture_averaged_in_the_same_pass(tiny
     ends, pad = end_token_ids(tok), tok.pad_token_id
     exchanges = _exchanges(tok)
     steered = ["blocks.2.hook_resid_post"]
-    cached: list[set[str]] = []
-    run_with_cache = model.run_with_cache
-
-    def spy(*args, **kwargs):
-        out, cache = run_with_cache(*args, **kwargs)
-        cached.append(set(cache.keys()))
-        return out, cache
-
-    monkeypatch.setattr(model, "run_with_cache", spy)
-    captured = capture_activations(model, exchanges, steered, pad, batch_size=2, end_ids=ends, mean_hooks=EVERY)
-    # one forward per batch, and only the steered hook is ever cached: the others are reduced in the forward
-    assert len(cached) == 2 and all({layer_of(name) for name in keys} <= {2} for keys in cached)
-    monkeypatch.undo()
+    forwards: list[int] = []
+    with model.hooks(fwd_hooks=[("hook_embed", lambda act, hook: forwards.append(act.shape[0]))]):
+        captured = capture_activations(model, exchanges, steered, pad, batch_size=2, end_ids=ends, mean_hooks=EVERY)
+    assert forwards == [2, 1]  # one forward pass per batch serves the steered and every observed layer
 
     assert captured.means.shape == (3, 4, 64) and captured.means.dtype == torch.float32
     per_token = capture_tokens(model, exchanges, EVERY, pad, batch_size=2, end_ids=ends)

@@ -1,0 +1,225 @@
+"""A plain Hugging Face twin of a TransformerBridge's model, sharing its weights, for fast sampling.
+
+Booting a TransformerBridge wraps every Hugging Face submodule in a component with hook points,
+and every forward pays for that wrapping at every layer, hooked or not (measured on the embedded
+model, batch 16, one decode step: 154 ms through the bridge against 104-123 ms for the plain model).
+The twin is the same architecture built without the bridge, whose parameters and buffers *are*
+the bridge's tensors (nothing is copied; an in-place change of a weight shows in both).
+
+Hooks stay TransformerLens hooks. Every bridge component's ``hook_in`` and ``hook_out`` (so
+``blocks.L.hook_resid_pre`` / ``hook_resid_post``, ``hook_attn_out``, ``hook_mlp_out``,
+``hook_embed``, ``unembed.hook_out`` and the rest of that kind) has a twin site: the input or the
+first output of the Hugging Face module the component wraps. :func:`hooked_forward` registers, for
+each of those hook points that has hooks, a torch hook on the twin's module that calls the bridge's
+``HookPoint`` (so its hooks run and may edit the tensor). A hook anywhere else (``hook_q``,
+``hook_pattern``, a norm's ``hook_scale``) has no twin site: then :func:`hooked_forward` yields the
+bridge's own module and nothing changes. A twin is checked once when built: its logits and every
+twin site's activation must equal the bridge's on a short input, else it is not used
+(ARCHITECTURE.md, "Sampling").
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+_WRAPPED = "._original_component"
+_TWINS: dict[int, tuple[Any, Twin | None]] = {}
+"""Built twins by ``id(bridge)`` (with the bridge itself, so a recycled id is noticed); None: not usable."""
+
+
+class Twin:
+    """A plain twin and the hook points it was checked to honour (by ``id`` of the ``HookPoint``)."""
+
+    def __init__(self, module: nn.Module, verified: set[int]) -> None:
+        self.module = module
+        self.verified = verified
+
+
+def plain_twin(model: Any) -> Twin | None:
+    """The checked plain twin of ``model`` (built on first use), or None where there is none."""
+    cached = _TWINS.get(id(model))
+    if cached is not None and cached[0] is model:
+        return cached[1]
+    twin = _build_checked(model)
+    _TWINS[id(model)] = (model, twin)
+    return twin
+
+
+@contextmanager
+def hooked_forward(model: Any) -> Iterator[nn.Module]:
+    """The module to run ``model``'s forwards with: the twin, with the hooks active now, or the bridge's.
+
+    The hooks on ``model``'s hook points must not change inside the block; the twin's own torch
+    hooks are removed on exit, also after an error.
+    """
+    bridged = getattr(model, "original_model", None)
+    if bridged is None:  # a plain module already
+        yield model
+        return
+    sites = _hooked_sites(model)
+    twin = plain_twin(model) if sites is not None else None
+    if sites is None or twin is None or any(id(point) not in twin.verified for _, point, _ in sites):
+        yield bridged
+        return
+    handles = [_register(twin.module.get_submodule(path), point, side) for path, point, side in sites]
+    try:
+        yield twin.module
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _site_map(model: Any) -> dict[int, tuple[str, Any, str]]:
+    """``id(HookPoint)`` -> (twin module path, the HookPoint, "in" or "out") for every component's hook_in/out."""
+    paths = {id(module): path for path, module in model.original_model.named_modules()}
+    sites: dict[int, tuple[str, Any, str]] = {}
+    for component in model.modules():
+        path = paths.get(id(component))
+        if path is None or not hasattr(component, "original_component"):
+            continue
+        twin_path = path.replace(_WRAPPED, "")
+        for side in ("in", "out"):
+            point = getattr(component, f"hook_{side}", None)
+            if point is not None:
+                sites[id(point)] = (twin_path, point, side)
+    return sites
+
+
+def _hooked_sites(model: Any) -> list[tuple[str, Any, str]] | None:
+    """The twin sites of every hook point that has hooks now; None if one of them has no twin site."""
+    sites = _site_map(model)
+    hooked = []
+    for point in {id(p): p for p in model.hook_dict.values()}.values():
+        if not (point._forward_hooks or point._forward_pre_hooks or point._backward_hooks):
+            continue
+        if id(point) not in sites:
+            return None
+        hooked.append(sites[id(point)])
+    return hooked
+
+
+def _register(module: nn.Module, point: Any, side: str) -> Any:
+    if side == "in":
+
+        def before(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+            if args and isinstance(args[0], Tensor):
+                return (point(args[0]), *args[1:]), kwargs
+            key = (
+                "hidden_states"
+                if "hidden_states" in kwargs
+                else next(k for k, v in kwargs.items() if isinstance(v, Tensor))
+            )
+            return args, {**kwargs, key: point(kwargs[key])}
+
+        return module.register_forward_pre_hook(before, with_kwargs=True)
+
+    def after(mod: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if isinstance(output, Tensor):
+            return point(output)
+        if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
+            return (point(output[0]), *output[1:])
+        if hasattr(output, "logits"):  # a ModelOutput
+            output.logits = point(output.logits)
+            return output
+        raise TypeError(f"cannot run hook point {point.name!r} on an output of type {type(output).__name__}")
+
+    return module.register_forward_hook(after)
+
+
+def _build(model: Any) -> nn.Module:
+    """The bridge's Hugging Face architecture without the bridge, on the bridge's own tensors."""
+    bridged = model.original_model
+    config = copy.deepcopy(bridged.config)
+    if getattr(type(bridged), "_supports_sdpa", False):
+        # the bridge switches attention to "eager" for its hook_pattern; the twin has no such hook
+        config._attn_implementation = "sdpa"
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        twin = type(bridged)(config)
+    tensors = {name.replace(_WRAPPED, ""): t for name, t in bridged.state_dict(keep_vars=True).items()}
+    tensors |= {name.replace(_WRAPPED, ""): t for name, t in bridged.named_buffers()}
+    for name, _ in [*twin.named_parameters(remove_duplicate=False), *twin.named_buffers(remove_duplicate=False)]:
+        if name not in tensors:
+            raise KeyError(f"the bridge has no tensor for the twin's {name}")
+        owner, _, leaf = name.rpartition(".")
+        module = twin.get_submodule(owner)
+        if leaf in module._parameters:
+            value = tensors[name]
+            module._parameters[leaf] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, False)
+        else:
+            module._buffers[leaf] = tensors[name]
+    return twin.eval()
+
+
+def _build_checked(model: Any) -> Twin | None:
+    """Build the twin and check it against the bridge; None (with a warning) where either fails."""
+    try:
+        module = _build(model)
+        verified = _verified_sites(model, module)
+        if verified is not None:
+            return Twin(module, verified)
+        reason = "its logits differ from the bridge's"
+    except Exception as err:  # an architecture the twin cannot be built for
+        reason = f"{type(err).__name__}: {err}"
+    warnings.warn(f"sampling runs through the TransformerBridge (slower): no plain twin ({reason})", stacklevel=3)
+    return None
+
+
+@torch.no_grad()
+def _verified_sites(model: Any, twin: nn.Module) -> set[int] | None:
+    """The twin sites whose activation equals the bridge's on a short input; None if the logits differ."""
+    device = next(model.original_model.parameters()).device
+    ids = (torch.arange(1, 9, device=device) % int(model.cfg.d_vocab)).unsqueeze(0)
+    sites = {key: site for key, site in _site_map(model).items() if site[1].name is not None}
+    seen: dict[str, dict[int, Any]] = {"bridge": {}, "twin": {}}
+    side = ["bridge"]
+
+    def recorder(key: int) -> Any:
+        def record(act: Any, hook: Any) -> None:
+            seen[side[0]].setdefault(key, act.detach().float().clone() if isinstance(act, Tensor) else None)
+
+        return record
+
+    with (
+        _suspended(model),
+        model.hooks(fwd_hooks=[(point.name, recorder(key)) for key, (_, point, _) in sites.items()]),
+    ):
+        bridge_logits = model.original_model(input_ids=ids).logits.float()
+        side[0] = "twin"
+        handles = [_register(twin.get_submodule(path), point, kind) for path, point, kind in sites.values()]
+        try:
+            twin_logits = twin(input_ids=ids).logits.float()
+        finally:
+            for handle in handles:
+                handle.remove()
+    if not _close(bridge_logits, twin_logits):
+        return None
+    return {key for key in sites if _close(seen["bridge"].get(key), seen["twin"].get(key))}
+
+
+@contextmanager
+def _suspended(model: Any) -> Iterator[None]:
+    """The hooks already on ``model``'s hook points (steering, position tracking) set aside, then put back."""
+    points = list({id(p): p for p in model.hook_dict.values()}.values())
+    kept = [(p, p._forward_hooks, p._forward_pre_hooks) for p in points]
+    try:
+        for p in points:
+            p._forward_hooks, p._forward_pre_hooks = OrderedDict(), OrderedDict()
+        yield
+    finally:
+        for p, hooks, pre_hooks in kept:
+            p._forward_hooks, p._forward_pre_hooks = hooks, pre_hooks
+
+
+def _close(a: Tensor | None, b: Tensor | None) -> bool:
+    if a is None or b is None or a.shape != b.shape:
+        return False
+    return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(a.abs().max().clamp_min(1e-6))))

@@ -1,0 +1,131 @@
+"""The sampler's fast paths give the simple path's results, and its choices match Hugging Face's.
+
+Fast paths: batching with length sorting, one prefill shared by identical prompts, ended rows
+leaving the batch, the KV cache. The simple path: one row per batch, no cache.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sims_lens.chat import encode_chat, end_token_ids
+from sims_lens.generation import GenerationSettings, batch_order, choose_tokens, generate_ids
+from sims_lens.steering.functions import SteeringFunction, SteeringSet
+from sims_lens.steering.hooks import apply_steering
+from sims_lens.tiny import tiny_hf_model
+
+PROMPTS = ["Hi", "Tell me a story about the sea please", "What is 2+2?", "Write a short poem", "Hi"]
+
+
+def eos_bias(tok, bias: float):
+    """A hook that makes the end token likelier, so rows end at different steps."""
+    eos = end_token_ids(tok)
+
+    def hook(act, hook):
+        act[..., eos] += bias
+        return act
+
+    return ("unembed.hook_out", hook)
+
+
+@pytest.mark.parametrize(("temperature", "bias"), [(0.0, 0.8), (1.0, 5.0)])
+def test_batched_shared_and_cached_equal_one_row_uncached(tiny, temperature, bias):
+    """K samples per prompt, rows ending at different steps: every fast path gives the simple path's text."""
+    model, tok = tiny
+    ids = [encode_chat(tok, p) for p in PROMPTS for _ in range(3)]
+    fast = GenerationSettings(max_new_tokens=10, temperature=temperature, top_p=0.9, batch_size=8)
+    simple = GenerationSettings(max_new_tokens=10, temperature=temperature, top_p=0.9, batch_size=1, use_kv_cache=False)
+    with model.hooks(fwd_hooks=[eos_bias(tok, bias)]):  # the end token wins about one step in four
+        a = generate_ids(model, tok, ids, fast, seed=5)
+        b = generate_ids(model, tok, ids, simple, seed=5)
+        c = generate_ids(model, tok, ids, GenerationSettings(**{**fast.__dict__, "use_kv_cache": False}), seed=5)
+    lengths = {len(ex.response_ids) for ex in a}
+    assert len(lengths) > 2, "the end-token bias should end rows at different steps"
+    assert a == b == c
+    assert all(list(ex.prompt_ids) == p for ex, p in zip(a, ids, strict=True))
+    if temperature > 0:  # K samples of one prompt differ: each row draws its own stream
+        assert len({a[i].response_ids for i in range(3)}) > 1
+
+
+@pytest.mark.parametrize("policy", ["all", "generated", "prompt", "from:3"])
+def test_steered_sampling_with_shared_prefill_equals_one_by_one(tiny, policy):
+    model, tok = tiny
+    g = torch.Generator().manual_seed(1)
+    steering = SteeringSet.from_functions(
+        [SteeringFunction("add", "blocks.0.hook_resid_post", {"vector": 3.0 * torch.randn(64, generator=g)})]
+    )
+    ids = [encode_chat(tok, p) for p in PROMPTS[:3] for _ in range(2)]
+    settings = GenerationSettings(max_new_tokens=8, temperature=1.0, batch_size=6)
+    with apply_steering(model, steering, positions=policy), model.hooks(fwd_hooks=[eos_bias(tok, 3.0)]):
+        batched = generate_ids(model, tok, ids, settings, seed=2)
+        single = generate_ids(model, tok, ids, GenerationSettings(**{**settings.__dict__, "batch_size": 1}), seed=2)
+    assert batched == single
+
+
+def test_greedy_equals_plain_hugging_face_generate(tiny):
+    """An independent implementation: HF generate on a separate (un-bridged) instance of the same weights."""
+    model, tok = tiny
+    plain, _ = tiny_hf_model(seed=0)
+    eos = end_token_ids(tok)
+    for text in PROMPTS[:4]:
+        prompt = encode_chat(tok, text)
+        [ours] = generate_ids(model, tok, [prompt], GenerationSettings(max_new_tokens=12))
+        out = plain.generate(
+            torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=eos[0]
+        )[0, len(prompt) :].tolist()
+        ends = [i for i, t in enumerate(out) if t in eos]
+        assert list(ours.response_ids) == out[: ends[0] + 1] if ends else out
+
+
+def test_greedy_equals_the_bridges_own_generate(tiny):
+    model, tok = tiny
+    eos = end_token_ids(tok)
+    prompt = encode_chat(tok, PROMPTS[1])
+    [ours] = generate_ids(model, tok, [prompt], GenerationSettings(max_new_tokens=10))
+    theirs = model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=10,
+        do_sample=False,
+        eos_token_id=eos,
+        verbose=False,
+        return_type="tokens",
+    )[0, len(prompt) :].tolist()
+    assert list(ours.response_ids) == theirs[: len(ours.response_ids)]
+
+
+def test_top_p_sampling_has_hugging_faces_distribution():
+    """Over a fine grid of uniforms, each token's share equals HF's temperature + top-p probabilities."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 2
+    settings = GenerationSettings(temperature=0.7, top_p=0.8)
+    warped = TopPLogitsWarper(0.8)(None, TemperatureLogitsWarper(0.7)(None, logits.clone()))
+    expected = torch.softmax(warped.double(), -1)
+    grid = 20_000
+    u = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid
+    for row in range(3):
+        chosen = choose_tokens(logits[row].expand(grid, -1), u, settings)
+        share = torch.bincount(chosen, minlength=50).double() / grid
+        assert torch.allclose(share, expected[row], atol=2 / grid)
+
+
+def test_greedy_choice_is_argmax_and_ignores_uniforms():
+    logits = torch.tensor([[0.1, 2.0, 0.3], [5.0, 1.0, 0.0]])
+    assert choose_tokens(logits, None, GenerationSettings()).tolist() == [1, 0]
+
+
+def test_batch_order_sorts_by_length_and_keeps_identical_prompts_together():
+    prompts = [[1, 2, 3], [4], [1, 2, 3], [5, 6], [4]]
+    assert batch_order(prompts) == [1, 4, 3, 0, 2]
+
+
+def test_sampling_without_a_seed_uses_the_global_generator(tiny):
+    model, tok = tiny
+    ids = [encode_chat(tok, "Hi")] * 4
+    settings = GenerationSettings(max_new_tokens=6, temperature=1.0)
+    torch.manual_seed(0)
+    a = generate_ids(model, tok, ids, settings)
+    torch.manual_seed(0)
+    b = generate_ids(model, tok, ids, settings)
+    assert a == b
