@@ -34,7 +34,7 @@ lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/steering_throughput.py
+	$(PY) benchmarks/bench.py
 
 figures: $(VENV)/.installed
 	VENV=$(VENV) scripts/install_figures.sh

@@ -25,10 +25,10 @@ import argparse
 import csv
 import os
 import platform
-import threading
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -274,55 +274,50 @@ def capture_vs_forward(bench: Bench, exchanges: list[Exchange]) -> None:
     )
 
 
-@contextmanager
-def peak_memory(device: str) -> Iterator[dict[str, float]]:
-    """Peak memory above the starting point (MiB): CUDA's allocator stats, else the RSS sampled every 2 ms."""
-    result: dict[str, float] = {}
+def capture_memory(bench: Bench, args: argparse.Namespace) -> None:
+    """Peak memory of one capture (one steered + every layer observed) against the number of samples.
+
+    Each size runs in a fresh process (the allocator keeps freed memory, so a peak measured after
+    other work says nothing): the peak RSS on the CPU (``VmHWM``, reset through
+    ``/proc/self/clear_refs``) or CUDA's ``max_memory_allocated``, minus the same measure just
+    before the capture, next to the size of what the capture returns.
+    """
+    for n in (16, 64, 256):
+        command = [sys.executable, __file__, "--memory-child", str(n), "--device", args.device, "--dtype", args.dtype]
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        peak, kept = (float(x) for x in out.split())
+        bench.add(Row("capture memory", f"{n} samples of ~40 tokens", peak, "MiB", note=f"result kept: {kept:.1f} MiB"))
+
+
+def _status_kib(field: str) -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def memory_child(n: int, device: str, dtype: torch.dtype) -> None:
+    model, tok = load_model(None, dtype=dtype, device=device)
+    n_layers = int(model.cfg.n_layers)
+    g = torch.Generator().manual_seed(0)
+    prompts = prompt_ids(tok, n)
+    exchanges = [Exchange(tuple(p), tuple(torch.randint(100, 40000, (40,), generator=g).tolist())) for p in prompts]
+    steered = [f"blocks.{n_layers // 2}.hook_resid_post"]
+    observed = [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
+    capture_activations(model, exchanges[:2], steered, int(tok.pad_token_id), 16, mean_hooks=observed)  # warm up
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        yield result
+        before = torch.cuda.max_memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM) to the current RSS
+        before = _status_kib("VmRSS") * 1024
+    captured = capture_activations(model, exchanges, steered, int(tok.pad_token_id), 16, mean_hooks=observed)
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
-        result["peak"] = (torch.cuda.max_memory_allocated() - start) / 2**20
-        return
-    page = os.sysconf("SC_PAGE_SIZE")
-
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * page
-
-    start, peak, running = rss(), [0], [True]
-
-    def poll() -> None:
-        while running[0]:
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.002)
-
-    thread = threading.Thread(target=poll, daemon=True)
-    thread.start()
-    try:
-        yield result
-    finally:
-        running[0] = False
-        thread.join()
-        result["peak"] = (max(peak[0], rss()) - start) / 2**20
-
-
-def capture_memory(bench: Bench, exchanges: list[Exchange]) -> None:
-    model, tok = bench.model, bench.tokenizer
-    n_layers = int(model.cfg.n_layers)
-    steered = [f"blocks.{n_layers // 2}.hook_resid_post"]
-    observed = [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
-    for n in (16, 64, 256):
-        chosen = (exchanges * (n // len(exchanges) + 1))[:n]
-        with peak_memory(bench.device) as memory:
-            captured = capture_activations(
-                model, chosen, steered, int(tok.pad_token_id), 16, end_ids=end_token_ids(tok), mean_hooks=observed
-            )
-        kept = (sum(t.numel() for t in captured.tokens) + captured.means.numel()) * 4 / 2**20
-        bench.add(Row("capture memory", f"{n} samples", memory["peak"], "MiB", note=f"result kept: {kept:.1f} MiB"))
-        del captured
+        after = torch.cuda.max_memory_allocated()
+    else:
+        after = _status_kib("VmHWM") * 1024
+    kept = (sum(t.numel() for t in captured.tokens) + captured.means.numel()) * 4
+    print(f"{(after - before) / 2**20:.2f} {kept / 2**20:.2f}")
 
 
 class PhaseTimer:
@@ -416,12 +411,16 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument(
         "--only", default="", help="comma-separated subset: sampler,steering,capture,memory,iteration,machine"
     )
     args = parser.parse_args()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    if args.memory_child:
+        memory_child(args.memory_child, device, dtype)
+        return
     model, tok = load_model(None, dtype=dtype, device=device)
     bench = Bench(model, tok, device, args.repeats)
     only = set(filter(None, args.only.split(",")))
@@ -437,12 +436,10 @@ def main() -> None:
         del hf
     if wanted("steering"):
         steered_vs_unsteered(bench)
-    if wanted("capture") or wanted("memory"):
-        exchanges = sample_exchanges(bench, 64)
-        if wanted("capture"):
-            capture_vs_forward(bench, exchanges)
-        if wanted("memory"):
-            capture_memory(bench, exchanges)
+    if wanted("capture"):
+        capture_vs_forward(bench, sample_exchanges(bench, 64))
+    if wanted("memory"):
+        capture_memory(bench, args)
     if wanted("iteration"):
         iteration_phases(bench, [(4, 2, 16), (8, 4, 24), (16, 4, 40)])
     if wanted("machine"):

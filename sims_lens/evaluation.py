@@ -20,6 +20,7 @@ from sims_lens.capture import padded_batches
 from sims_lens.chat import Exchange, encode_chat
 from sims_lens.generation import GenerationSettings, decode_response, generate_ids
 from sims_lens.groups import chunked
+from sims_lens.plain_twin import hooked_forward
 from sims_lens.prompts import Prompt
 from sims_lens.seeds import derive_seed
 from sims_lens.stats import token_weighted_perplexity, win_outcomes
@@ -80,14 +81,15 @@ def response_nll(model: Any, exchanges: Sequence[Exchange], pad_id: int, batch_s
     """
     device = next(model.parameters()).device
     out: list[float] = []
-    for chunk, ids, kwargs in padded_batches(exchanges, pad_id, batch_size, device):
-        logprobs = model(ids, **kwargs).float().log_softmax(-1)
-        width = ids.shape[1]
-        for row, ex in enumerate(chunk):
-            n = len(ex.response_ids)
-            targets = ids[row, width - n :]
-            predicted = logprobs[row, width - n - 1 : width - 1]
-            out.append(float(-predicted.gather(-1, targets.unsqueeze(-1)).mean()))
+    with hooked_forward(model) as lm, torch.no_grad():  # the bridge's plain twin when no hook needs the bridge
+        for chunk, ids, kwargs in padded_batches(exchanges, pad_id, batch_size, device):
+            logprobs = lm(input_ids=ids, **kwargs).logits.float().log_softmax(-1)
+            width = ids.shape[1]
+            for row, ex in enumerate(chunk):
+                n = len(ex.response_ids)
+                targets = ids[row, width - n :]
+                predicted = logprobs[row, width - n - 1 : width - 1]
+                out.append(float(-predicted.gather(-1, targets.unsqueeze(-1)).mean()))
     return out
 
 
