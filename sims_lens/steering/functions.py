@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 Edit = Callable[[Float[Tensor, "... d_model"], Mapping[str, Tensor], float], Float[Tensor, "... d_model"]]
@@ -74,7 +74,11 @@ def _edit_hpr(h: Tensor, params: Mapping[str, Tensor], multiplier: float) -> Ten
     """Householder pseudo-rotation (Pham and Nguyen, 2024), norm-preserving.
 
     Activations the probe classifies as negative are rotated by ``g1 = m * theta(h)`` in the
-    plane of ``h`` and its reflection ``h_ref = H h``; others pass unchanged.
+    plane of ``h`` and its reflection ``h_ref = H h``; others pass unchanged. Two optional
+    parameters (absent: the reference's behaviour) bound the edit: ``max_reach`` caps ``g1`` at that
+    fraction of ``g2`` (1: never past the reflection, which flips only the component along the
+    probe's normal; 0.5: stop on the hyperplane), and ``gate_logit`` rotates only activations whose
+    probe logit is below it (at most 0; the reference gates at 0, probability 0.5).
 
     The rotation ``(sin g1 h_ref + sin(g2 - g1) h) / sin g2`` (``g2`` the angle between ``h`` and
     ``h_ref``) is evaluated in the equal form ``cos g1 h + sin g1 ||h|| n``, where ``n`` is the unit
@@ -83,19 +87,37 @@ def _edit_hpr(h: Tensor, params: Mapping[str, Tensor], multiplier: float) -> Ten
     activations by up to ~10%; the second keeps the norm to rounding.
     """
     compute = h.float()
+    apply, g1, n = _hpr_plan(compute, params, multiplier)
+    h_norm = compute.norm(dim=-1, keepdim=True)
+    rotated = torch.cos(g1).unsqueeze(-1) * compute + torch.sin(g1).unsqueeze(-1) * h_norm * n
+    return torch.where(apply.unsqueeze(-1), rotated, compute).to(h.dtype)
+
+
+def hpr_rotation(
+    h: Float[Tensor, "... d"], params: Mapping[str, Tensor], multiplier: float = 1.0
+) -> tuple[Bool[Tensor, "..."], Float[Tensor, "..."]]:
+    """What the HPR edit does to each activation: whether it rotates it, and by what angle (radians)."""
+    apply, g1, _ = _hpr_plan(h.float(), params, multiplier)
+    return apply, torch.where(apply, g1, torch.zeros_like(g1))
+
+
+def _hpr_plan(compute: Tensor, params: Mapping[str, Tensor], multiplier: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The gate, the angle ``g1`` and the unit direction ``n`` of the rotation of each activation."""
     w_unit = params["probe"].float()
     w_unit = w_unit / w_unit.norm()
-    h_norm = compute.norm(dim=-1, keepdim=True)
-    h_unit = compute / h_norm.clamp_min(1e-30)
-    toward = w_unit - (h_unit @ w_unit).unsqueeze(-1) * h_unit
-    toward_norm = toward.norm(dim=-1, keepdim=True)
-    n = toward / toward_norm.clamp_min(1e-30)
-    g1 = (multiplier * hpr_angle(compute, {k: v.float() for k, v in params.items()})).unsqueeze(-1)
-    rotated = torch.cos(g1) * compute + torch.sin(g1) * h_norm * n
-    negative = (compute @ w_unit) < 0
-    safe = toward_norm.squeeze(-1) > 1e-6  # h antiparallel to w: the plane is undefined
-    apply = (negative & safe).unsqueeze(-1)
-    return torch.where(apply, rotated, compute).to(h.dtype)
+    h_unit = compute / compute.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    cosine = h_unit @ w_unit
+    toward = w_unit - cosine.unsqueeze(-1) * h_unit
+    toward_norm = toward.norm(dim=-1)
+    n = toward / toward_norm.unsqueeze(-1).clamp_min(1e-30)
+    g1 = multiplier * hpr_angle(compute, {k: v.float() for k, v in params.items()})
+    if "max_reach" in params:  # g2 = angle(h, Hh) = 2 asin(|cos(h, w)|)
+        g2 = 2.0 * torch.asin(cosine.abs().clamp(max=1.0))
+        g1 = torch.minimum(g1, params["max_reach"].float() * g2)
+    gate = params["gate_logit"].float().clamp(max=0.0) if "gate_logit" in params else 0.0
+    negative = (compute @ params["probe"].float()) < gate
+    safe = toward_norm > 1e-6  # h antiparallel to w: the plane is undefined
+    return negative & safe, g1, n
 
 
 EDITS: dict[str, Edit] = {"add": _edit_add, "ablate_add": _edit_ablate_add, "hpr": _edit_hpr}

@@ -8,7 +8,13 @@ import pytest
 import torch
 from torch import Tensor
 
-from sims_lens.steering.functions import SteeringFunction, householder_angles, hpr_angle, hpr_probe_logit
+from sims_lens.steering.functions import (
+    SteeringFunction,
+    householder_angles,
+    hpr_angle,
+    hpr_probe_logit,
+    hpr_rotation,
+)
 from sims_lens.steering.learners import HPRLearner
 
 HOOK = "blocks.2.hook_resid_post"
@@ -64,7 +70,15 @@ def heldout() -> tuple[Tensor, Tensor]:
 def test_returns_raw_space_hpr_parameters(fitted: SteeringFunction) -> None:
     assert (fitted.edit, fitted.learner, fitted.hook) == ("hpr", "hpr", HOOK)
     shapes = {k: tuple(v.shape) for k, v in fitted.params.items()}
-    assert shapes == {"probe": (D,), "mlp_w1": (D, 64), "mlp_b1": (64,), "mlp_w2": (64, 1), "mlp_b2": (1,)}
+    assert shapes == {
+        "probe": (D,),
+        "mlp_w1": (D, 64),
+        "mlp_b1": (64,),
+        "mlp_w2": (64, 1),
+        "mlp_b2": (1,),
+        "max_reach": (),
+        "gate_logit": (),
+    }
     assert fitted.extra["train_probe_accuracy"] > 0.99
 
 
@@ -141,3 +155,76 @@ def test_needs_position_paired_tokens() -> None:
     with pytest.raises(ValueError, match="paired rows"):
         HPRLearner(epochs=1).fit(pos, neg[:-1], HOOK)
     assert HPRLearner().inputs == "token_pairs"
+
+
+def test_negatives_cross_to_the_positive_side_and_never_past_the_reflection(
+    fitted: SteeringFunction, heldout: tuple[Tensor, Tensor]
+) -> None:
+    """Default reach 1: a rotation never goes past the reflection; with angle to spare it lands there."""
+    _, neg = heldout
+    w = fitted.params["probe"]
+    reflection = neg - 2 * ((neg @ w) / (w @ w)).unsqueeze(-1) * w
+    to_reflection = householder_angles(neg, reflection)
+    negative = hpr_probe_logit(neg, fitted.params) < 0
+    assert negative.float().mean() > 0.95
+    rotated = fitted(neg, multiplier=4.0)  # 4 x the learnt angle: more than any reflection needs
+    assert (4.0 * hpr_angle(neg, fitted.params) >= to_reflection)[negative].all()
+    torch.testing.assert_close(rotated[negative], reflection[negative], rtol=1e-3, atol=1e-3)  # capped there
+    assert (hpr_probe_logit(rotated[negative], fitted.params) > 0).all()  # on the positive side
+    for multiplier in (0.3, 1.0, 4.0):
+        _, angle = hpr_rotation(neg, fitted.params, multiplier)
+        assert (angle <= to_reflection + 1e-4).all()
+
+
+def test_unbounded_reach_is_the_reference_rotation(heldout: tuple[Tensor, Tensor]) -> None:
+    pos, neg = _shell_pairs(600, seed=0)
+    reference = HPRLearner(epochs=20, seed=0, max_reach=math.inf).fit(pos, neg, HOOK)
+    _, test_neg = heldout
+    _, angle = hpr_rotation(test_neg, reference.params, 3.0)
+    gated = hpr_probe_logit(test_neg, reference.params) < 0
+    torch.testing.assert_close(angle[gated], 3.0 * hpr_angle(test_neg, reference.params)[gated])
+
+
+def test_gate_probability_rotates_only_confident_negatives(heldout: tuple[Tensor, Tensor]) -> None:
+    pos, neg = _shell_pairs(600, seed=0)
+    strict = HPRLearner(epochs=2, seed=0, gate_probability=0.05).fit(pos, neg, HOOK)
+    h = torch.cat((*heldout, torch.randn(300, D, generator=_gen(11)) * 6))
+    gated, _ = hpr_rotation(h, strict.params)
+    logit = hpr_probe_logit(h, strict.params)
+    assert torch.equal(gated, logit < math.log(0.05 / 0.95))
+    assert 0 < int(gated.sum()) < int((logit < 0).sum())
+    edited = strict(h)
+    assert torch.equal(edited[~gated], h[~gated])
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, 0.6, 1.0])
+def test_gate_probability_is_validated(value: float) -> None:
+    with pytest.raises(ValueError, match="gate_probability"):
+        HPRLearner(gate_probability=value)
+
+
+def test_hpr_defaults_to_steering_generated_positions_only(tiny) -> None:
+    """Under "generated" (HPR's default) prompt tokens keep their activations; only the last one is edited."""
+    from sims_lens.chat import encode_chat
+    from sims_lens.steering.functions import SteeringSet
+    from sims_lens.steering.hooks import apply_steering
+
+    model, tok = tiny
+    hook = "blocks.0.hook_resid_post"
+    g = _gen(3)
+    pos, neg = torch.randn(200, 64, generator=g) + 2.0, torch.randn(200, 64, generator=g) - 2.0
+    fn = HPRLearner(epochs=2, seed=0).fit(pos, neg, hook)
+    ids = torch.tensor([encode_chat(tok, "Tell me a story about the sea please")])
+    seen: list[Tensor] = []
+
+    def record(act: Tensor, hook: object) -> None:
+        seen.append(act.detach().clone())
+
+    policy = SteeringSet.from_functions([fn.scaled(5.0)], positions=HPRLearner.positions)
+    with apply_steering(model, policy), model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", record)]):
+        model(ids)
+    with model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", record)]):
+        model(ids)
+    steered, plain = seen
+    assert HPRLearner.positions == "generated"
+    assert torch.equal(steered[0, :-1], plain[0, :-1])

@@ -20,7 +20,7 @@ from torch import Tensor
 from sims_lens.steering.functions import SteeringFunction, householder_angles, hpr_angle, hpr_probe_logit
 from sims_lens.steering.learners.base import check_activations, register_learner
 from sims_lens.steering.learners.probe import logistic_weights
-from sims_lens.validation import check_int, check_number
+from sims_lens.validation import ConfigError, check_int, check_number
 
 
 @dataclass(frozen=True)
@@ -113,16 +113,32 @@ class HPRLearner:
     hidden: int = 64
     angle_loss_weight: float = 1.0
     probe_l2: float = 1e-3
+    max_reach: float = 1.0
+    """How far a rotation may go, as a fraction of the way to the reflection: 1 never rotates past
+    the reflection (the edit then only flips the component along the probe's normal), 0.5 stops on
+    the hyperplane, ``inf`` is the reference's unbounded angle."""
+    gate_probability: float = 0.5
+    """Rotate only activations whose probe probability of "preferred" is below this (the reference: 0.5)."""
     seed: int = 0
 
     name: ClassVar[str] = "hpr"
     inputs: ClassVar[str] = "token_pairs"
+    positions: ClassVar[str] = "generated"
+    """The reference edits only the token being generated; ``positions = "auto"`` resolves to this."""
 
     def __post_init__(self) -> None:
         check_int(self.name, 1, epochs=self.epochs, batch_size=self.batch_size, hidden=self.hidden)
         check_int(self.name, 0, seed=self.seed)
         check_number(self.name, 0.0, above=True, lr=self.lr, probe_l2=self.probe_l2)
         check_number(self.name, 0.0, angle_loss_weight=self.angle_loss_weight)
+        reach = self.max_reach
+        if isinstance(reach, bool) or not isinstance(reach, int | float) or not reach > 0:
+            raise ConfigError(f"{self.name}: max_reach must be a number > 0 (or inf: no cap), got {reach!r}")
+        if not 0 < self.gate_probability <= 0.5:
+            raise ConfigError(
+                f"{self.name}: gate_probability must be in (0, 0.5] (rotate activations the probe puts on the "
+                f"dispreferred side), got {self.gate_probability}"
+            )
 
     def fit(self, pos: Float[Tensor, "n d"], neg: Float[Tensor, "n d"], hook: str) -> SteeringFunction:
         pos, neg = check_activations(pos, neg, paired=True, learner=self.name)
@@ -151,6 +167,8 @@ class HPRLearner:
                 optimizer.step()
 
         params = norm.to_raw({"probe": probe, **mlp})
+        params["max_reach"] = torch.tensor(self.max_reach, dtype=torch.float32)
+        params["gate_logit"] = torch.tensor(math.log(self.gate_probability / (1 - self.gate_probability)))
         with torch.no_grad():
             logits = hpr_probe_logit(both, params)
             bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
