@@ -327,7 +327,7 @@ def layer_sweep(
         multipliers=tuple(multipliers) if multipliers is not None else (1.0,),
         samples_per_prompt=samples_per_prompt or config.eval_samples_per_prompt,
         seed=heldout_seed(config.seed),
-        positions=config.positions,
+        positions=config.positions if config.positions != "auto" else "all",
         separability=_sweep_separability(folder, observed, iteration, int(config.seed)),
     )
 

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from sims_lens.models import DTYPES, EMBEDDED_MODEL, ModelLoadError
+from sims_lens.models import DTYPE_NAMES, EMBEDDED_MODEL, ModelLoadError
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -21,8 +21,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"embedded default ({EMBEDDED_MODEL}), a Hugging Face hub name, a local HF folder, or a .gguf file",
     )
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--dtype", default="auto", choices=list(DTYPE_NAMES), help="auto: bfloat16 on CUDA, else float32"
+    )
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N, mps")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -40,7 +42,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"model        {source.name} ({source.origin}{f': {source.path}' if source.path else ''})")
     print(f"cache        {cache_dir()}")
     print(f"load time    {seconds:.1f} s")
-    print(f"dtype        {args.dtype} on {args.device}")
+    print(f"dtype        {next(model.parameters()).dtype} on {next(model.parameters()).device}")
     print(f"layers       {cfg.n_layers}")
     print(f"d_model      {cfg.d_model}")
     print(f"vocab        {len(tokenizer)}")
@@ -56,7 +58,12 @@ def cmd_steer_demo(args: argparse.Namespace) -> int:
     from sims_lens.demo import steering_demo
 
     steering_demo(
-        args.model, dtype=args.dtype, layer=args.layer, multiplier=args.multiplier, max_new_tokens=args.max_new_tokens
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        layer=args.layer,
+        multiplier=args.multiplier,
+        max_new_tokens=args.max_new_tokens,
     )
     return 0
 

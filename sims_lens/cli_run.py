@@ -66,8 +66,14 @@ class TablePrinter:
             f"{values['win_rate_vs_base']:>8.2f}  {values['perplexity_under_base']:>6.2f}  "
             f"{values['response_length']:>5.1f}  {int(train['pairs']):>5}  "
             f"{int(train['dropped_prompts']):>7}  {time.perf_counter() - self.start:>5.0f}s"
+            + (_rejected_note(result.metrics) if result.rejected else "")
         )
         sys.stdout.flush()
+
+
+def _rejected_note(rows: list[dict[str, Any]]) -> str:
+    ratio = next(r["value"] for r in rows if r["split"] == "guard" and r["metric"] == "perplexity_ratio")
+    return f"  REJECTED: its perplexity was {ratio:.1f}x the base model's; previous policy kept (row shows it)"
 
 
 def _heldout(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -81,6 +87,8 @@ def _cell(value: float | None) -> str:
 def run_command(args: argparse.Namespace, overrides: list[str] | None = None) -> int:
     """``sims-lens run``: one run into ``--out``, or with ``--seeds`` one run per seed in ``--out/seed_S``."""
     sets = (overrides or []) + (args.set or [])
+    if getattr(args, "device", None) is not None:
+        sets.append(f'device="{args.device}"')
     seeds = parse_seeds(getattr(args, "seeds", None))
     if not seeds:
         return _run_one(Path(args.out), args, sets)[0]
@@ -114,7 +122,7 @@ def _run_one(
     out: Path, args: argparse.Namespace, sets: list[str], loaded: tuple[Any, Any] | None = None
 ) -> tuple[int, tuple[Any, Any]]:
     """One run into ``out``; returns the exit status and the (model, tokenizer) it used."""
-    from sims_lens.loop import NotSeparableError
+    from sims_lens.loop import NotSeparableError, PolicyRejectedError
     from sims_lens.run import RunWriter, restore_state, sims_from_config
     from sims_lens.run_folder import RunFolder, check_new_folder, open_run
 
@@ -159,6 +167,13 @@ def _run_one(
                 file=sys.stderr,
             )
             return 2, used
+        except PolicyRejectedError as err:
+            print(
+                f'error: {err}; the run stops here (on_rejected = "stop"). Every iteration is kept in {folder.path} '
+                "(--resume goes on from the kept policy).",
+                file=sys.stderr,
+            )
+            return 2, used
     print(f"done: {folder.path} (metrics, samples, steering per iteration, config; figures/index.html)")
     return 0, used
 
@@ -177,7 +192,9 @@ def eval_command(args: argparse.Namespace) -> int:
     if settings.samples is not None and settings.samples < 1:
         raise ValueError(f"--samples {settings.samples}: use an integer >= 1")
     start = time.perf_counter()
-    model, tokenizer = load_model(config.model, dtype=config.dtype)
+    model, tokenizer = load_model(
+        config.model, dtype=config.dtype, device=args.device if args.device is not None else config.device
+    )
     frame = evaluate_runs(runs, args.out, model, tokenizer, settings)
     print(f"evaluated {len(runs)} run(s) in {time.perf_counter() - start:.0f} s: {args.out}/eval.csv, samples.jsonl")
     try:
@@ -235,6 +252,7 @@ def register(sub: Any) -> None:
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--seeds", default=None, help="several runs, one per seed, in OUT/seed_S (e.g. 0,1,2,3,4 or 0-4)")
+    run.add_argument("--device", default=None, help="auto (CUDA when available; the default), cpu, cuda, cuda:N, mps")
     run.set_defaults(func=run_command)
 
     ev = sub.add_parser("eval", help="every iteration's policy of the runs given against baselines, with intervals")
@@ -246,6 +264,7 @@ def register(sub: Any) -> None:
     ev.add_argument(
         "--system-prompt", default=None, help="the prompting baseline's system prompt (default: a warm-tone request)"
     )
+    ev.add_argument("--device", default=None, help="auto (CUDA when available; the default), cpu, cuda, cuda:N, mps")
     ev.set_defaults(func=eval_command)
 
     report = sub.add_parser("report", help="rebuild a run folder's figures and index.html; print its held-out table")
@@ -257,6 +276,7 @@ def register(sub: Any) -> None:
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     demo.add_argument("--no-progress", action="store_true")
     demo.add_argument("--seeds", default=None, help="several demo runs, one per seed, in OUT/seed_S")
+    demo.add_argument("--device", default=None, help="auto (CUDA when available; the default), cpu, cuda, cuda:N, mps")
     demo.set_defaults(func=demo_command)
 
 

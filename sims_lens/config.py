@@ -48,7 +48,11 @@ class SimsConfig:
     """Everything a SIMS run needs; ``config.toml`` in a run folder is this, resolved."""
 
     model: str = "smollm2-135m-instruct"
-    dtype: str = "float32"
+    dtype: str = "auto"
+    """auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16 or float16; a run folder's
+    config.toml records what auto became."""
+    device: str = "auto"
+    """auto (CUDA when available, else the CPU), cpu, cuda, cuda:N or mps; may change on resume."""
     prompts: str = "builtin"
     heldout_prompts: str = "builtin"
     heldout_size: int = 20
@@ -77,10 +81,19 @@ class SimsConfig:
     N fresh prompts from all training prompts, except under contrast sampling, where the same N
     prompts come back every iteration (a prompt must recur for pairs across policies)."""
     seed: int = 0
-    positions: str = "all"
+    positions: str = "auto"
+    """Which token positions the policy edits (all, generated, prompt, from:K); auto: the learner's
+    own default (every position for the additive learners, generated tokens for HPR), recorded in
+    a run folder's config.toml as what it became."""
     reduction: str = "mean"
     pairs_per_prompt: int = 1
     margin: float = 0.05
+    max_perplexity_ratio: float = 3.0
+    """The guard rail: a policy whose held-out perplexity under the base model exceeds this multiple
+    of the base model's own is rejected (the previous policy is kept and the metrics flag it);
+    0 turns the guard off."""
+    on_rejected: str = "keep"
+    """After a rejected policy: "keep" goes on from the previous policy, "stop" ends the run there."""
     eval_samples_per_prompt: int = 2
     batch_size: int = 16
     contrast: ContrastConfig = field(default_factory=ContrastConfig)
@@ -102,10 +115,11 @@ class SimsConfig:
             )
         if self.update_rate is None:
             self.update_rate = DEFAULT_RATE.get(self.update, 1.0)
-        from sims_lens.models import DTYPES
+        from sims_lens.models import DEVICE_FORMS, DEVICE_RE, DTYPE_NAMES
         from sims_lens.steering.positions import validate_policy
 
-        _check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {sorted(DTYPES)}")
+        _check(self.dtype in DTYPE_NAMES, "dtype", self.dtype, f"one of {', '.join(DTYPE_NAMES)}")
+        _check(isinstance(self.device, str) and bool(DEVICE_RE.match(self.device)), "device", self.device, DEVICE_FORMS)
         for key in (
             "iterations",
             "prompts_per_iteration",
@@ -142,6 +156,13 @@ class SimsConfig:
         _check(self.reduction in REDUCTIONS, "reduction", self.reduction, f"one of {list(REDUCTIONS)}")
         _check(self.margin >= 0, "margin", self.margin, "a number >= 0")
         _check(
+            self.max_perplexity_ratio == 0 or self.max_perplexity_ratio > 1,
+            "max_perplexity_ratio",
+            self.max_perplexity_ratio,
+            "a number > 1 (a multiple of the base model's perplexity), or 0 for no guard",
+        )
+        _check(self.on_rejected in ("keep", "stop"), "on_rejected", self.on_rejected, '"keep" or "stop"')
+        _check(
             self.prompt_pool == 0 or self.prompt_pool >= self.prompts_per_iteration,
             "prompt_pool",
             self.prompt_pool,
@@ -150,7 +171,8 @@ class SimsConfig:
         _check(self.multiplier != 0, "multiplier", self.multiplier, "a non-zero number")
         _check(self.hook in HOOK_SUFFIXES, "hook", self.hook, f"one of {list(HOOK_SUFFIXES)}")
         try:
-            validate_policy(self.positions)
+            if self.positions != "auto":
+                validate_policy(self.positions)
         except ValueError as err:
             raise ConfigError(f"positions: {err}") from None
         self.layers = parse_layers(self.layers)

@@ -51,12 +51,13 @@ DEMO_PROMPTS = ["Describe a walk in the city.", "What do you think about cooking
 
 def steering_demo(
     model_name: str | None = None,
-    dtype: str = "float32",
+    dtype: str = "auto",
+    device: str = "auto",
     layer: int | None = None,
     multiplier: float = 2.0,
     max_new_tokens: int = 40,
 ) -> None:
-    model, tokenizer = load_model(model_name, dtype=dtype)
+    model, tokenizer = load_model(model_name, dtype=dtype, device=device)
     layer = model.cfg.n_layers // 2 if layer is None else layer
     hook = f"blocks.{layer}.hook_resid_post"
 

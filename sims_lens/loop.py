@@ -31,7 +31,7 @@ from sims_lens.contrast import MemoryBank, Sample, Selection, label_samples, sel
 from sims_lens.evaluation import Evaluation, evaluate, head_to_head, heldout_seed
 from sims_lens.generation import GenerationSettings, decode_response, generate_ids
 from sims_lens.groups import chunked
-from sims_lens.metrics import MetricRow, batch_rows, heldout_rows, layer_rows
+from sims_lens.metrics import MetricRow, batch_rows, heldout_rows, layer_rows, metric_row
 from sims_lens.oracles.base import is_relative, judges_with_policy
 from sims_lens.prompts import Prompt, iteration_prompts
 from sims_lens.seeds import derive_seed
@@ -44,6 +44,21 @@ from sims_lens.update_rules import apply_update
 
 class NotSeparableError(RuntimeError):
     """The oracle could not separate any prompt's responses, so there is nothing to learn from."""
+
+
+@dataclass(frozen=True, eq=False)
+class Guard:
+    """The guard rail's verdict on one iteration's policy (see :meth:`Sims.guard`)."""
+
+    rejected: bool
+    rows: list[MetricRow]
+    kept_policy: SteeringSet | None = None
+    kept_heldout: Evaluation | None = None
+    message: str = ""
+
+
+class PolicyRejectedError(RuntimeError):
+    """The guard rail rejected a policy and ``on_rejected = "stop"`` ends the run (the iteration is saved)."""
 
 
 class Callback(Protocol):
@@ -141,6 +156,8 @@ class IterationResult:
     """Mean response-token activation of every D+ sample at every observed hook, ``[n_pairs, n_observed, d_model]``
     (the base model's, captured in the same forward pass as ``positives``)."""
     observed_negatives: Tensor = field(default_factory=_nothing_observed)
+    rejected: bool = False
+    """The guard rail rejected this iteration's policy: ``policy`` and ``heldout`` are the previous policy's."""
 
     @property
     def observed_layers(self) -> list[int]:
@@ -196,6 +213,10 @@ class Sims:
         self._phase(iteration, "fit", fitted=fitted, policy=policy)
         heldout = self.evaluate(policy)
         assert self.state.base_heldout is not None
+        guard = self.guard(iteration, fitted, heldout)
+        if guard.rejected:
+            assert guard.kept_policy is not None and guard.kept_heldout is not None
+            policy, heldout = guard.kept_policy, guard.kept_heldout
         wins = head_to_head(
             self.oracle, self.heldout_prompts, heldout, self.state.base_heldout, self.config.eval_samples_per_prompt
         )
@@ -213,6 +234,7 @@ class Sims:
                 seed=self.config.seed,
             ),
             *heldout_rows(iteration, heldout, wins, **self._relative),
+            *guard.rows,
         ]
         self.state.policy, self.state.completed = policy, iteration
         result = IterationResult(
@@ -230,11 +252,44 @@ class Sims:
             observed_hooks=list(batch.observed_hooks),
             observed_positives=batch.observed_positives,
             observed_negatives=batch.observed_negatives,
+            rejected=guard.rejected,
         )
         for cb in self.callbacks:
             if hasattr(cb, "on_iteration"):
                 cb.on_iteration(result)
+        if guard.rejected and self.config.on_rejected == "stop":
+            raise PolicyRejectedError(guard.message)
         return result
+
+    def guard(self, iteration: int, fitted: SteeringSet, candidate: Evaluation) -> Guard:
+        """The guard rail: reject a policy whose held-out perplexity is ``max_perplexity_ratio`` x the base's.
+
+        A rejected policy is replaced by the previous one (pi_0 at iteration 1: the fit at multiplier 0,
+        so the run folder still holds a policy file per iteration) and its held-out evaluation; the
+        previous policy is evaluated again, with the same held-out seed, so this reproduces its samples.
+        """
+        assert self.state.base_heldout is not None
+        limit = self.config.max_perplexity_ratio
+        ratio = candidate.perplexity / self.state.base_heldout.perplexity
+        rejected = limit > 0 and ratio > limit
+        rows = [
+            metric_row(iteration, "guard", "perplexity_ratio", ratio),
+            metric_row(iteration, "guard", "rejected", float(rejected)),
+        ]
+        if not rejected:
+            return Guard(False, rows)
+        if candidate.reward_mean is not None and not self._relative["relative"]:
+            rows.append(metric_row(iteration, "guard", "rejected_reward_mean", candidate.reward_mean))
+        previous = self.state.policy
+        kept = previous if previous is not None else fitted.scaled(0.0)
+        kept_heldout = self.state.base_heldout if previous is None else self.evaluate(previous)
+        message = (
+            f"iteration {iteration}'s policy raised held-out perplexity under the base model to {ratio:.1f} x the base "
+            f"model's ({candidate.perplexity:.1f} vs {self.state.base_heldout.perplexity:.1f}; max_perplexity_ratio = "
+            f"{limit:g}), so it was rejected and the previous policy kept. Lower 'multiplier', steer other layers, or "
+            "raise max_perplexity_ratio"
+        )
+        return Guard(True, rows, kept, kept_heldout, message)
 
     def collect(self, iteration: int, hooks: list[str]) -> Batch:
         """Steps 1-5: prompts, K samples each from the current policy, scores, D+/D-, base activations."""
@@ -364,7 +419,7 @@ class Sims:
             functions.append(fn)
         return SteeringSet.from_functions(
             functions,
-            positions=self.config.positions,
+            positions=self.positions,
             model_name=str(getattr(self.model.cfg, "model_name", "")),
             iteration=iteration,
         )
@@ -413,6 +468,13 @@ class Sims:
     def _relative(self) -> dict[str, bool]:
         """Whether the oracle's (and the reference oracle's) scores only compare within a group."""
         return {"relative": is_relative(self.oracle), "relative_reference": is_relative(self.reference)}
+
+    @property
+    def positions(self) -> str:
+        """The position policy of every fit: the config's, or for "auto" the learner's own default."""
+        if self.config.positions == "auto":
+            return str(getattr(self.learner, "positions", "all"))
+        return self.config.positions
 
     @property
     def n_layers(self) -> int:

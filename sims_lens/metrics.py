@@ -2,7 +2,9 @@
 
 One row per (iteration, split, metric, layer): ``layer`` is None where a metric is not per layer.
 Splits: ``train`` (the iteration's own samples and pairs), ``heldout`` (prompts the loop never
-trains on; iteration 0 is the base model) and ``analysis`` (written by the analysis callbacks).
+trains on; iteration 0 is the base model), ``guard`` (the guard rail: the candidate policy's
+perplexity ratio to the base model and whether it was rejected) and ``analysis`` (written by the
+analysis callbacks).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -40,6 +41,13 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+
+
+DTYPE_NAMES = ("auto", *DTYPES)
+"""Accepted dtype settings: ``auto`` is bfloat16 on CUDA and float32 elsewhere (bf16 is slower on CPUs)."""
+
+DEVICE_FORMS = "auto, cpu, cuda, cuda:N or mps"
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 class ModelLoadError(RuntimeError):
@@ -67,6 +75,54 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
     return DTYPES[dtype]
+
+
+def check_device_name(device: str) -> str:
+    """``device`` if it is one of the accepted forms, else a ValueError naming them."""
+    if not isinstance(device, str) or not DEVICE_RE.match(device):
+        raise ValueError(f"unknown device {device!r}; use {DEVICE_FORMS}")
+    return device
+
+
+def resolve_device(device: str = "auto") -> str:
+    """The torch device a setting means: ``auto`` is CUDA when available, else the CPU.
+
+    Asking for a device this machine lacks is a :class:`ModelLoadError` that says what is there.
+    """
+    check_device_name(device)
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            build = (
+                "a CPU-only build"
+                if torch.version.cuda is None
+                else f"CUDA {torch.version.cuda}, but no GPU is visible"
+            )
+            raise ModelLoadError(
+                f"device {device!r} asked for, but CUDA is not available here (torch {torch.__version__}: {build}); "
+                "use device=auto or device=cpu"
+            )
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ModelLoadError(
+                f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                f"(cuda:0-cuda:{torch.cuda.device_count() - 1})"
+            )
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError("device 'mps' asked for, but Apple's MPS backend is not available here; use auto or cpu")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    """``auto``: bfloat16 on CUDA, float32 elsewhere; any other name or torch dtype as given."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return parse_dtype(dtype)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in DTYPES.items() if value == dtype)
 
 
 def embedded_gguf_path() -> Path:
@@ -310,13 +366,15 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def load_model(name: str | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu") -> tuple[Any, Any]:
+def load_model(name: str | None = None, dtype: str | torch.dtype = "auto", device: str = "auto") -> tuple[Any, Any]:
     """Load a model into a TransformerBridge; returns ``(bridge, tokenizer)``.
 
     ``name``: None (or ``"smollm2-135m-instruct"``) for the embedded model, a Hugging Face hub
-    name, a local Hugging Face folder, or a ``.gguf`` file.
+    name, a local Hugging Face folder, or a ``.gguf`` file. ``device``: auto (CUDA when available),
+    cpu, cuda, cuda:N, mps; ``dtype``: auto (bfloat16 on CUDA, else float32) or a name in DTYPES.
     """
-    torch_dtype = parse_dtype(dtype)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
     source = resolve_source(name)
     hf_model, tokenizer = load_hf(source, torch_dtype, device)
     return boot_bridge(hf_model, tokenizer, source.name, torch_dtype, device), tokenizer

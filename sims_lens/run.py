@@ -99,7 +99,7 @@ def sims_from_config(
     tokenizer: Any = None,
 ) -> Sims:
     """Load the model, prompts, oracle and learner a configuration names."""
-    from sims_lens.models import load_model
+    from sims_lens.models import dtype_name, load_model
     from sims_lens.oracles import is_relative, make_oracle
     from sims_lens.prompts import load_prompts
     from sims_lens.steering.learners import make_learner
@@ -113,7 +113,8 @@ def sims_from_config(
     if len(train) < config.prompts_per_iteration:
         raise ValueError(f"prompts_per_iteration={config.prompts_per_iteration} but only {len(train)} training prompts")
     if model is None:
-        model, tokenizer = load_model(config.model, dtype=config.dtype)
+        model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    config.dtype = dtype_name(next(model.parameters()).dtype)  # what "auto" became, recorded in config.toml
     resolve_layers(config.layers, int(model.cfg.n_layers))  # an unknown layer fails here, before any work
     resolve_observe(config.observe, int(model.cfg.n_layers))
     oracle = make_oracle(config.oracle, config.oracle_settings(), model=model, tokenizer=tokenizer)
@@ -131,4 +132,6 @@ def sims_from_config(
         reference = make_oracle(
             config.reference_oracle, config.oracles.get(config.reference_oracle, {}), model=model, tokenizer=tokenizer
         )
-    return Sims(model, tokenizer, config, train, heldout, oracle, learner, callbacks, progress, reference=reference)
+    sims = Sims(model, tokenizer, config, train, heldout, oracle, learner, callbacks, progress, reference=reference)
+    config.positions = sims.positions  # what "auto" became, recorded in config.toml
+    return sims

@@ -450,11 +450,15 @@ class RunFolder:
                 self.lock_path.unlink(missing_ok=True)
 
 
+RESUME_MAY_CHANGE = ("iterations", "device")
+"""Settings a resumed run may change: how far it goes, and where it runs."""
+
+
 def open_run(out: str | Path, config: SimsConfig | None, resume: bool) -> tuple[RunFolder, SimsConfig, int]:
     """Create or reopen a run folder; returns it, the config to use and the last finished iteration.
 
     On resume, ``config`` None means "the saved one"; a given config must equal the saved one except
-    for ``iterations``, which may grow. Rows of an unfinished iteration are dropped.
+    for ``iterations``, which may grow, and ``device``. Rows of an unfinished iteration are dropped.
     """
     folder = RunFolder(out)
     if not resume:
@@ -469,13 +473,13 @@ def open_run(out: str | Path, config: SimsConfig | None, resume: bool) -> tuple[
     saved = folder.read_config()
     if config is not None:
         mine, theirs = config_to_dict(config), config_to_dict(saved)
-        changed = sorted(k for k in mine if k != "iterations" and mine[k] != theirs[k])
+        changed = sorted(k for k in mine if k not in RESUME_MAY_CHANGE and mine[k] != theirs[k])
         if changed:
             raise RunFolderError(
                 f"cannot resume {folder.path} with a different configuration (changed: {', '.join(changed)}); "
-                "resume with the same config (only 'iterations' may change) or use a new --out folder"
+                "resume with the same config (only 'iterations' and 'device' may change) or use a new --out folder"
             )
-        saved.iterations = config.iterations
+        saved.iterations, saved.device = config.iterations, config.device
     done = folder.completed_iterations if folder.state_path.is_file() else 0
     folder.read_state()  # an unreadable state.json is an error here, not "nothing done"
     if saved.iterations < done:

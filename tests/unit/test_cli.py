@@ -92,3 +92,26 @@ def test_eval_and_seeds_bad_input_is_one_clear_error(tmp_path, capsys, argv, mes
     code = main([a.format(tmp=tmp_path) for a in argv])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "--set", "device=cuda"],
+        ["run", "--device", "cuda:0"],
+        ["demo", "--device", "cuda"],
+    ],
+)
+def test_cuda_without_cuda_is_one_line_and_exit_2(tmp_path, capsys, argv):
+    out = tmp_path / "run"
+    assert main([*argv[:1], "--out", str(out), *argv[1:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: device 'cuda") and "CUDA is not available" in err[0]
+    assert not out.exists()  # refused before the run folder is made
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "CPU", ""])
+def test_unknown_device_names_the_forms(tmp_path, capsys, device):
+    assert main(["run", "--out", str(tmp_path / "r"), "--device", device]) == 2
+    assert "cuda:N" in capsys.readouterr().err

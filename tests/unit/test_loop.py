@@ -171,6 +171,60 @@ def test_hpr_runs_in_the_loop(tiny):
     assert results[0].policy.functions[results[0].hooks[0]][0].edit == "hpr"
 
 
+def test_hpr_in_the_loop_stays_within_the_guard_rail(tiny):
+    """HPR's defaults (generated positions, rotations bounded by the reflection) keep perplexity in bounds."""
+    sims = tiny_sims(tiny, learner="hpr", iterations=2, **{"learners.hpr.epochs": 5})
+    results = list(sims.iterate())
+    assert sims.positions == "generated"
+    for r in results:
+        guard = {m["metric"]: m["value"] for m in r.metrics if m["split"] == "guard"}
+        assert guard["rejected"] == 0.0 and not r.rejected
+        assert guard["perplexity_ratio"] < sims.config.max_perplexity_ratio
+        assert r.policy.positions == "generated"
+
+
+@pytest.fixture(scope="module")
+def peaked():
+    """A tiny model with peaked next-token distributions: a wrecked policy's text is unlikely under it."""
+    from sims_lens.tiny import tiny_model
+
+    return tiny_model(n_layers=2, d_model=64, seed=0, init_std=0.3)
+
+
+def test_guard_rail_rejects_a_broken_policy_and_keeps_the_previous_one(peaked):
+    """A vector 10^3 times the fit's wrecks the text: the guard flags it and keeps pi_0's evaluation."""
+    sims = tiny_sims(peaked, iterations=1, multiplier=1e3, layers=[0])
+    [result] = list(sims.iterate())
+    guard = {m["metric"]: m["value"] for m in result.metrics if m["split"] == "guard"}
+    assert result.rejected and guard["rejected"] == 1.0
+    assert guard["perplexity_ratio"] > sims.config.max_perplexity_ratio
+    assert result.heldout is sims.state.base_heldout  # pi_0 kept: its held-out evaluation stands
+    assert all(fn.multiplier == 0.0 for fn in result.policy)  # the fit, switched off
+    heldout = {m["metric"]: m["value"] for m in result.metrics if m["split"] == "heldout"}
+    assert heldout["perplexity_under_base"] == pytest.approx(sims.state.base_heldout.perplexity)
+
+
+def test_guard_rail_can_stop_the_run_and_can_be_turned_off(peaked):
+    from sims_lens.loop import PolicyRejectedError
+
+    seen = []
+    sims = tiny_sims(peaked, iterations=2, multiplier=1e3, layers=[0], on_rejected="stop")
+    sims.callbacks = [type("Seen", (), {"on_iteration": lambda self, r: seen.append(r)})()]
+    with pytest.raises(PolicyRejectedError, match="max_perplexity_ratio"):
+        list(sims.iterate())
+    assert [r.iteration for r in seen] == [1] and sims.state.completed == 1  # the iteration is recorded first
+    [result] = list(tiny_sims(peaked, iterations=1, multiplier=1e3, layers=[0], max_perplexity_ratio=0).iterate())
+    assert not result.rejected
+
+
+@pytest.mark.parametrize(("key", "value"), [("max_perplexity_ratio", 0.5), ("on_rejected", "ignore")])
+def test_guard_settings_are_validated(key, value):
+    from sims_lens.validation import ConfigError
+
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [f"{key}={json.dumps(value)}"])
+
+
 class Interrupt(Exception):
     pass
 

@@ -292,3 +292,17 @@ def test_cli_reports_an_unreadable_gguf_in_one_error_line(tmp_path: Path, cache:
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert str(bad) in lines[0] and "corrupted or truncated?" in lines[0]
     assert "Traceback" not in err
+
+
+def test_auto_device_and_dtype(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert models.resolve_device("auto") == "cpu"
+    assert models.resolve_dtype("auto", "cpu") == torch.float32
+    assert models.resolve_dtype("auto", "cuda:0") == torch.bfloat16
+    assert models.resolve_dtype("float16", "cpu") == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert models.resolve_device("auto") == "cuda"
+    assert models.resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(models.ModelLoadError, match="2 CUDA device"):
+        models.resolve_device("cuda:2")
