@@ -26,6 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from sims_lens.chat import Exchange, left_pad
+from sims_lens.steering.functions import layer_of
 
 REDUCTIONS = ("mean", "last")
 """How a sample's response tokens reduce to one row (the ``reduction`` setting)."""
@@ -167,7 +168,7 @@ def _stop_after(model: Any, names: Sequence[str]) -> list[tuple[str, Callable[[T
     Only for per-layer hook points (``blocks.L.*``): every hook inside block L fires before its
     output. Anything else (the embedding, the final norm) keeps the whole forward.
     """
-    layers = [_block_of(name) for name in names]
+    layers = [layer_of(name) for name in names]
     if any(layer is None for layer in layers):
         return []
     deepest = f"blocks.{max(layer for layer in layers if layer is not None)}.hook_out"
@@ -178,11 +179,6 @@ def _stop_after(model: Any, names: Sequence[str]) -> list[tuple[str, Callable[[T
         raise _ForwardDone
 
     return [(deepest, stop)]
-
-
-def _block_of(name: str) -> int | None:
-    parts = name.split(".")
-    return int(parts[1]) if len(parts) >= 3 and parts[0] == "blocks" and parts[1].isdigit() else None
 
 
 def capture_tokens(

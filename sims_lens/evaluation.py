@@ -81,7 +81,7 @@ def response_nll(model: Any, exchanges: Sequence[Exchange], pad_id: int, batch_s
     """
     device = next(model.parameters()).device
     out: list[float] = []
-    with hooked_forward(model) as lm, torch.no_grad():  # the bridge's plain twin when no hook needs the bridge
+    with hooked_forward(model) as lm:  # the bridge's plain twin when no hook needs the bridge
         for chunk, ids, kwargs in padded_batches(exchanges, pad_id, batch_size, device):
             logprobs = lm(input_ids=ids, **kwargs).logits.float().log_softmax(-1)
             width = ids.shape[1]

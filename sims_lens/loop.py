@@ -278,7 +278,7 @@ class Sims:
         ]
         if not rejected:
             return Guard(False, rows)
-        if candidate.reward_mean is not None and not self._relative["relative"]:
+        if not self._relative["relative"]:
             rows.append(metric_row(iteration, "guard", "rejected_reward_mean", candidate.reward_mean))
         previous = self.state.policy
         kept = previous if previous is not None else fitted.scaled(0.0)

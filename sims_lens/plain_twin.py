@@ -35,12 +35,16 @@ _TWINS: dict[int, tuple[Any, Twin | None]] = {}
 """Built twins by ``id(bridge)`` (with the bridge itself, so a recycled id is noticed); None: not usable."""
 
 
-class Twin:
-    """A plain twin and the hook points it was checked to honour (by ``id`` of the ``HookPoint``)."""
+Site = tuple[str, Any, str]
+"""Where a hook point runs in the twin: (module path, the bridge's ``HookPoint``, "in" or "out")."""
 
-    def __init__(self, module: nn.Module, verified: set[int]) -> None:
+
+class Twin:
+    """A plain twin and the sites of the hook points it was checked to honour (by ``id`` of the ``HookPoint``)."""
+
+    def __init__(self, module: nn.Module, sites: dict[int, Site]) -> None:
         self.module = module
-        self.verified = verified
+        self.sites = sites
 
 
 def plain_twin(model: Any) -> Twin | None:
@@ -64,11 +68,12 @@ def hooked_forward(model: Any) -> Iterator[nn.Module]:
     if bridged is None:  # a plain module already
         yield model
         return
-    sites = _hooked_sites(model)
-    twin = plain_twin(model) if sites is not None else None
-    if sites is None or twin is None or any(id(point) not in twin.verified for _, point, _ in sites):
+    twin = plain_twin(model)
+    hooked = _hooked_points(model)
+    if twin is None or any(id(point) not in twin.sites for point in hooked):
         yield bridged
         return
+    sites = [twin.sites[id(point)] for point in hooked]
     handles = [_register(twin.module.get_submodule(path), point, side) for path, point, side in sites]
     try:
         yield twin.module
@@ -77,10 +82,10 @@ def hooked_forward(model: Any) -> Iterator[nn.Module]:
             handle.remove()
 
 
-def _site_map(model: Any) -> dict[int, tuple[str, Any, str]]:
-    """``id(HookPoint)`` -> (twin module path, the HookPoint, "in" or "out") for every component's hook_in/out."""
+def _site_map(model: Any) -> dict[int, Site]:
+    """``id(HookPoint)`` -> its :data:`Site`, for every bridge component's hook_in and hook_out."""
     paths = {id(module): path for path, module in model.original_model.named_modules()}
-    sites: dict[int, tuple[str, Any, str]] = {}
+    sites: dict[int, Site] = {}
     for component in model.modules():
         path = paths.get(id(component))
         if path is None or not hasattr(component, "original_component"):
@@ -93,17 +98,10 @@ def _site_map(model: Any) -> dict[int, tuple[str, Any, str]]:
     return sites
 
 
-def _hooked_sites(model: Any) -> list[tuple[str, Any, str]] | None:
-    """The twin sites of every hook point that has hooks now; None if one of them has no twin site."""
-    sites = _site_map(model)
-    hooked = []
-    for point in {id(p): p for p in model.hook_dict.values()}.values():
-        if not (point._forward_hooks or point._forward_pre_hooks or point._backward_hooks):
-            continue
-        if id(point) not in sites:
-            return None
-        hooked.append(sites[id(point)])
-    return hooked
+def _hooked_points(model: Any) -> list[Any]:
+    """Every hook point of ``model`` that has hooks now (each once, aliases included)."""
+    points = {id(p): p for p in model.hook_dict.values()}.values()
+    return [p for p in points if p._forward_hooks or p._forward_pre_hooks or p._backward_hooks]
 
 
 def _register(module: nn.Module, point: Any, side: str) -> Any:
@@ -163,9 +161,9 @@ def _build_checked(model: Any) -> Twin | None:
     """Build the twin and check it against the bridge; None (with a warning) where either fails."""
     try:
         module = _build(model)
-        verified = _verified_sites(model, module)
-        if verified is not None:
-            return Twin(module, verified)
+        sites = _verified_sites(model, module)
+        if sites is not None:
+            return Twin(module, sites)
         reason = "its logits differ from the bridge's"
     except Exception as err:  # an architecture the twin cannot be built for
         reason = f"{type(err).__name__}: {err}"
@@ -174,7 +172,7 @@ def _build_checked(model: Any) -> Twin | None:
 
 
 @torch.no_grad()
-def _verified_sites(model: Any, twin: nn.Module) -> set[int] | None:
+def _verified_sites(model: Any, twin: nn.Module) -> dict[int, Site] | None:
     """The twin sites whose activation equals the bridge's on a short input; None if the logits differ."""
     device = next(model.original_model.parameters()).device
     ids = (torch.arange(1, 9, device=device) % int(model.cfg.d_vocab)).unsqueeze(0)
@@ -202,7 +200,7 @@ def _verified_sites(model: Any, twin: nn.Module) -> set[int] | None:
                 handle.remove()
     if not _close(bridge_logits, twin_logits):
         return None
-    return {key for key in sites if _close(seen["bridge"].get(key), seen["twin"].get(key))}
+    return {key: site for key, site in sites.items() if _close(seen["bridge"].get(key), seen["twin"].get(key))}
 
 
 @contextmanager

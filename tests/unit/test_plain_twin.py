@@ -33,8 +33,8 @@ def test_twin_shares_the_bridges_tensors_and_honours_residual_sites(tiny):
     bridged = {t.data_ptr() for t in model.original_model.parameters()}
     assert {p.data_ptr() for p in twin.module.parameters()} <= bridged  # nothing copied
     for name in RESIDUAL_SITES:
-        assert id(model.hook_dict[name]) in twin.verified, name
-    assert id(model.hook_dict["blocks.0.attn.hook_pattern"]) not in twin.verified
+        assert id(model.hook_dict[name]) in twin.sites, name
+    assert id(model.hook_dict["blocks.0.attn.hook_pattern"]) not in twin.sites
 
 
 def test_the_twin_is_used_only_where_every_active_hook_has_a_site(tiny):

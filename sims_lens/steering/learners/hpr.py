@@ -20,7 +20,7 @@ from torch import Tensor
 from sims_lens.steering.functions import SteeringFunction, householder_angles, hpr_angle, hpr_probe_logit
 from sims_lens.steering.learners.base import check_activations, register_learner
 from sims_lens.steering.learners.probe import logistic_weights
-from sims_lens.validation import ConfigError, check_int, check_number
+from sims_lens.validation import check_int, check_number, is_number, require
 
 
 @dataclass(frozen=True)
@@ -132,13 +132,18 @@ class HPRLearner:
         check_number(self.name, 0.0, above=True, lr=self.lr, probe_l2=self.probe_l2)
         check_number(self.name, 0.0, angle_loss_weight=self.angle_loss_weight)
         reach = self.max_reach
-        if isinstance(reach, bool) or not isinstance(reach, int | float) or not reach > 0:
-            raise ConfigError(f"{self.name}: max_reach must be a number > 0 (or inf: no cap), got {reach!r}")
-        if not 0 < self.gate_probability <= 0.5:
-            raise ConfigError(
-                f"{self.name}: gate_probability must be in (0, 0.5] (rotate activations the probe puts on the "
-                f"dispreferred side), got {self.gate_probability}"
-            )
+        require(
+            reach == math.inf or (is_number(reach) and reach > 0),
+            f"{self.name}.max_reach",
+            reach,
+            "a number > 0 (or inf: no cap)",
+        )
+        require(
+            is_number(self.gate_probability) and 0 < self.gate_probability <= 0.5,
+            f"{self.name}.gate_probability",
+            self.gate_probability,
+            "a number in (0, 0.5] (rotate activations the probe puts on the dispreferred side)",
+        )
 
     def fit(self, pos: Float[Tensor, "n d"], neg: Float[Tensor, "n d"], hook: str) -> SteeringFunction:
         pos, neg = check_activations(pos, neg, paired=True, learner=self.name)
