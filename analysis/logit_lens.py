@@ -53,18 +53,25 @@ class LensReading:
 
 @torch.no_grad()
 def direction_logits(
-    model: Any, direction: Float[Tensor, " d_model"], apply_ln: bool = True
-) -> Float[Tensor, " d_vocab"]:
-    """``norm(v) @ W_U`` without biases, in float32 (``model.W_U`` [d_model, d_vocab] or ``model.unembed``)."""
+    model: Any, direction: Float[Tensor, "*n d_model"], apply_ln: bool = True
+) -> Float[Tensor, "*n d_vocab"]:
+    """``norm(v) @ W_U`` without biases, in float32 (``model.W_U`` [d_model, d_vocab] or ``model.unembed``).
+
+    Several directions (stacked in the leading dimensions) are read in one product: the unembedding
+    is read from memory once, not once per direction.
+    """
     param = next(model.parameters())
-    v = direction.detach().to(device=param.device, dtype=param.dtype).reshape(1, 1, -1)
+    batch = direction.shape[:-1]
+    v = direction.detach().to(device=param.device, dtype=param.dtype).reshape(1, -1, direction.shape[-1])
     if apply_ln and getattr(model, "ln_final", None) is not None:
         v = model.ln_final(v) - model.ln_final(torch.zeros_like(v))
     w_u = getattr(model, "W_U", None)
     if isinstance(w_u, Tensor):
-        return (v.reshape(-1).float() @ w_u.detach().float()).cpu()
-    unembed = model.unembed
-    return (unembed(v) - unembed(torch.zeros_like(v))).reshape(-1).float().cpu()
+        logits = v[0].float() @ w_u.detach().float()
+    else:
+        unembed = model.unembed
+        logits = (unembed(v) - unembed(torch.zeros_like(v)))[0].float()
+    return logits.reshape(*batch, -1).cpu()
 
 
 def logit_lens(
@@ -75,12 +82,19 @@ def logit_lens(
     apply_ln: bool = True,
 ) -> LensReading:
     """The ``k`` tokens ``direction`` promotes most and the ``k`` it suppresses most, as strings."""
+    return _reading(direction_logits(model, direction, apply_ln), k, _tokenizer(model, tokenizer, k))
+
+
+def _tokenizer(model: Any, tokenizer: Any, k: int) -> Any:
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise ValueError("logit_lens needs a tokenizer (pass tokenizer=, or use a model that carries one)")
-    logits = direction_logits(model, direction, apply_ln)
+    return tokenizer
+
+
+def _reading(logits: Float[Tensor, " d_vocab"], k: int, tokenizer: Any) -> LensReading:
     k = min(k, logits.shape[0])
     top, bottom = logits.topk(k), (-logits).topk(k)
     return LensReading(
@@ -120,9 +134,13 @@ def lens_rows(
     apply_ln: bool = True,
 ) -> pd.DataFrame:
     """:func:`logit_lens` of each hook's direction as rows of :data:`LENS_COLUMNS` (rank 1 = strongest)."""
-    rows = []
-    for hook, vector in directions.items():
-        reading = logit_lens(model, vector, k, tokenizer, apply_ln)
+    rows: list[dict[str, Any]] = []
+    tokenizer = _tokenizer(model, tokenizer, k)
+    if not directions:
+        return _lens_frame(pd.DataFrame(rows, columns=LENS_COLUMNS))
+    logits = direction_logits(model, torch.stack(list(directions.values())), apply_ln)  # one read of W_U
+    for hook, row_logits in zip(directions, logits, strict=True):
+        reading = _reading(row_logits, k, tokenizer)
         for sign, pairs in (("promoted", reading.promoted), ("suppressed", reading.suppressed)):
             rows += [
                 {

@@ -26,6 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from sims_lens.chat import Exchange, left_pad
+from sims_lens.plain_twin import hooked_forward
 from sims_lens.steering.functions import layer_of
 
 REDUCTIONS = ("mean", "last")
@@ -115,8 +116,8 @@ def capture_activations(
         recorders = [(name, _span_means(spans, reduced, k)) for k, name in alone]
         recorders += [(name, _keep(cache, name)) for name in hooks]
         stop = _stop_after(model, [*hooks, *mean_hooks])
-        with model.hooks(fwd_hooks=recorders + stop), contextlib.suppress(_ForwardDone):
-            model(ids, **kwargs)
+        with model.hooks(fwd_hooks=recorders + stop), hooked_forward(model) as lm, contextlib.suppress(_ForwardDone):
+            lm(input_ids=ids, use_cache=False, **kwargs)  # the bridge's plain twin: the same hook points fire
         if hooks:
             stacked = torch.stack([cache[h] for h in hooks], dim=2)  # [batch, pos, n_hooks, d_model]
             chunk_tokens = [stacked[row, start : start + kept].float().cpu() for row, (start, kept) in enumerate(spans)]

@@ -26,7 +26,7 @@ from analysis.figures import (
 )
 from analysis.geometry import cosine, direction_norms, drift, geometry_rows, iteration_cosines, layer_cosines
 from analysis.live import LiveAnalysis
-from analysis.logit_lens import direction_logits, logit_lens, steering_lens
+from analysis.logit_lens import direction_logits, lens_rows, logit_lens, steering_lens
 from analysis.report import report, summary_table
 from analysis.run_data import load_run
 from analysis.separability import separability
@@ -200,6 +200,22 @@ def test_logit_lens_through_unembed_matches_w_u_and_ignores_biases(tiny):
     torch.testing.assert_close(raw, v @ model.W_U.detach().float(), atol=1e-4, rtol=1e-4)
     table = steering_lens(model, steering(1, {0: v, 1: -v}), k=3, tokenizer=tok)
     assert len(table) == 2 * 2 * 3 and set(table["side"]) == {"promoted", "suppressed"}
+
+
+def test_directions_read_together_equal_each_read_alone(tiny):
+    """The batched read (one product with W_U for every observed layer) gives each direction's own logits."""
+    model, tok = tiny
+    vs = torch.randn(3, model.cfg.d_model, generator=torch.Generator().manual_seed(3)) * torch.tensor([[0.1], [1], [9]])
+    together = direction_logits(model, vs)
+    assert together.shape == (3, model.cfg.d_vocab)
+    for i in range(3):
+        torch.testing.assert_close(together[i], direction_logits(model, vs[i]), atol=1e-5, rtol=1e-5)
+    rows = lens_rows(model, 1, {f"blocks.{i}.hook_resid_post": vs[i] for i in range(3)}, k=4, tokenizer=tok)
+    for i in range(3):
+        alone = logit_lens(model, vs[i], k=4, tokenizer=tok)
+        mine = rows[(rows["layer"] == i) & (rows["sign"] == "promoted")].sort_values("rank")
+        assert list(mine["token"]) == [t for t, _ in alone.promoted]
+    assert lens_rows(model, 1, {}, tokenizer=tok).empty
 
 
 # -- the live callback and the report on a tiny two-iteration run ------------------------------

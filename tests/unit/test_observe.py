@@ -24,6 +24,7 @@ from sims_lens.config import (
     resolve_observe,
     to_toml,
 )
+from sims_lens.plain_twin import plain_twin
 from sims_lens.run import RunWriter, restore_state, sims_from_config
 from sims_lens.run_folder import ObservedActivations, RunFolder, RunFolderError, open_run
 from sims_lens.tiny import tiny_model
@@ -110,6 +111,22 @@ def test_capture_stops_after_the_deepest_layer_it_needs(tiny4):
         model, _exchanges(tok), ["blocks.1.hook_resid_post"], tok.pad_token_id, end_ids=end_token_ids(tok)
     )
     assert all(torch.equal(a, b) for a, b in zip(captured.tokens, full, strict=True))
+
+
+def test_capture_runs_through_the_plain_twin(tiny4):
+    """The capture forwards run on the bridge's plain twin (no per-layer bridge wrapping), one per batch."""
+    model, tok = tiny4
+    twin = plain_twin(model)
+    assert twin is not None
+    calls: list[int] = []
+    handle = twin.module.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1), with_kwargs=True)
+    try:
+        capture_activations(
+            model, _exchanges(tok), ["blocks.1.hook_resid_post"], tok.pad_token_id, batch_size=2, mean_hooks=EVERY
+        )
+    finally:
+        handle.remove()
+    assert calls == [1, 1]
 
 
 def test_the_observed_hooks_are_the_observe_layers_at_the_configured_hook(tiny):

@@ -20,6 +20,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from torch import Tensor
 
+from sims_lens.blas import one_blas_thread
 from sims_lens.steering.functions import SteeringFunction
 from sims_lens.steering.learners.base import check_activations, register_learner, unit
 from sims_lens.steering.learners.mean_diff import mean_difference
@@ -65,7 +66,7 @@ def _sklearn_logistic(
     model = LogisticRegression(
         C=1.0 / (l2 * features.shape[0]), solver="lbfgs", fit_intercept=bias, tol=TOLERANCE, max_iter=max_iter
     )
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), one_blas_thread():
         warnings.simplefilter("ignore", ConvergenceWarning)
         model.fit(features, np.asarray(y).astype(np.int64))
     w = np.ascontiguousarray(model.coef_[0], dtype=np.float64)
@@ -118,10 +119,11 @@ def fit_logistic_labels(
     mu = rows.mean(dim=0)
     sigma = rows.std(dim=0, unbiased=False)
     sigma = torch.where(sigma > 1e-8 * sigma.max().clamp_min(1e-30), sigma, torch.ones_like(sigma))
-    features, basis = _span_coordinates(((rows - mu) / sigma).cpu().numpy())
     if not ((targets.sum(1) > 0) & (targets.sum(1) < targets.shape[1])).all():
         raise ValueError("every labeling needs both labels (1 and 0) among the rows")
-    weights, biases = newton_logistic(features, targets, l2, max_iter)
+    with one_blas_thread():
+        features, basis = _span_coordinates(((rows - mu) / sigma).cpu().numpy())
+        weights, biases = newton_logistic(features, targets, l2, max_iter)
     classifiers = []
     for a, b in zip(weights, biases, strict=True):
         w = torch.from_numpy(a if basis is None else basis @ a).to(device=x.device)
@@ -157,7 +159,8 @@ def newton_logistic(
     for _ in range(max_iter):
         p = 0.5 * (1.0 + np.tanh(0.5 * (theta @ design.T)))  # a sigmoid that never overflows
         gradient = (p - targets) @ design / n + penalty * theta
-        curvature = np.einsum("kn,ni,nj->kij", p * (1 - p) / n, design, design) + np.diag(penalty)
+        weighted = (p * (1 - p) / n)[:, :, None] * design  # [k, n, r + 1]
+        curvature = design.T @ weighted + np.diag(penalty)  # [k, r + 1, r + 1]: sum_n w_kn x_n x_n^T
         step = np.linalg.solve(curvature, gradient[..., None])[..., 0]
         decrease = (gradient * step).sum(1)  # the squared Newton decrement: twice the gap to the optimum, near it
         active = decrease > 1e-14  # converged labelings (gap below 1e-14) stay put
