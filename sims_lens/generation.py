@@ -31,6 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from sims_lens.chat import Exchange, encode_chat, end_token_ids, left_pad, split_generated
+from sims_lens.kv_cache import growing_cache
 from sims_lens.plain_twin import hooked_forward
 from sims_lens.seeds import derive_seed
 from sims_lens.steering.positions import track_positions
@@ -124,9 +125,9 @@ def choose_tokens(
 
     Top-p keeps the most probable tokens up to and including the one whose cumulative probability
     reaches ``top_p`` (as Hugging Face does); the row's uniform picks among them in descending order
-    (ties: the lower token id first). Only the ``NUCLEUS_CANDIDATES`` most probable tokens are sorted
-    when they hold ``top_p`` of every row's mass (then the nucleus lies among them), else the whole
-    vocabulary: the same choice, without sorting 49k probabilities per row and step.
+    (ties: the lower token id first). In a row whose ``NUCLEUS_CANDIDATES`` most probable tokens hold
+    ``top_p`` of its mass the nucleus lies among them, and only they are sorted; the other rows sort
+    their whole vocabulary: the same choice, without sorting 49k probabilities per row and step.
     """
     if uniforms is None:
         return logits.argmax(-1)
@@ -135,13 +136,23 @@ def choose_tokens(
         return _inverse_cdf(probs, uniforms, None)
     k = min(NUCLEUS_CANDIDATES, probs.shape[-1])
     top, index = probs.topk(k, dim=-1)
-    if k < probs.shape[-1] and bool((top.sum(-1) >= settings.top_p).all()):
-        by_id = index.argsort(dim=-1)  # candidates in token order, so that the stable sort breaks ties by id
-        index = index.gather(-1, by_id)
-        top = top.gather(-1, by_id)
-    else:
-        top, index = probs, torch.arange(probs.shape[-1], device=probs.device).expand_as(probs)
-    top, order = top.sort(dim=-1, descending=True, stable=True)
+    fits = top.sum(-1) >= settings.top_p if k < probs.shape[-1] else torch.zeros_like(uniforms, dtype=torch.bool)
+    chosen = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    if bool(fits.any()):
+        by_id = index[fits].argsort(dim=-1)  # candidates in token order, so that the stable sort breaks ties by id
+        chosen[fits] = _nucleus(top[fits].gather(-1, by_id), index[fits].gather(-1, by_id), uniforms[fits], settings)
+    if not bool(fits.all()):
+        rest = probs[~fits]
+        everything = torch.arange(rest.shape[-1], device=rest.device).expand_as(rest)
+        chosen[~fits] = _nucleus(rest, everything, uniforms[~fits], settings)
+    return chosen
+
+
+def _nucleus(
+    probs: Float[Tensor, "batch k"], index: Int[Tensor, "batch k"], uniforms: Float[Tensor, " batch"], settings: Any
+) -> Int[Tensor, " batch"]:
+    """Top-p over candidates ``index`` (in token-id order) with probabilities ``probs``, then inverse-CDF."""
+    top, order = probs.sort(dim=-1, descending=True, stable=True)
     index = index.gather(-1, order)
     before = top.cumsum(-1) - top
     return _inverse_cdf(top.masked_fill(before >= settings.top_p, 0.0), uniforms, index)
@@ -197,7 +208,7 @@ def _generate_batch(
     out = torch.full((n_rows, settings.max_new_tokens), pad_id, dtype=torch.long)
     rows = expand.to(device)
     with track_positions(model, mask) as tracker, hooked_forward(model) as lm:
-        cache: Any = _empty_cache(lm) if settings.use_kv_cache else None
+        cache: Any = growing_cache(lm.config, settings.max_new_tokens) if settings.use_kv_cache else None
         if cache is not None:  # prefill each distinct prompt once, then share its cache by its rows
             logits, cache = _forward(lm, ids, mask, cache)
             logits = logits[rows]
@@ -234,12 +245,6 @@ def _generate_batch(
 def _worth_compacting(n_finished: int, n_active: int) -> bool:
     """Drop ended rows once they are a quarter of the batch: reindexing the cache costs about a step."""
     return n_finished > 0 and 4 * n_finished >= n_active
-
-
-def _empty_cache(lm: Any) -> Any:
-    from transformers import DynamicCache
-
-    return DynamicCache(config=lm.config)
 
 
 def generate(

@@ -110,6 +110,32 @@ def test_top_p_sampling_has_hugging_faces_distribution():
         assert torch.allclose(share, expected[row], atol=2 / grid)
 
 
+def test_sorting_only_the_top_candidates_chooses_what_sorting_everything_chooses(monkeypatch):
+    """Rows whose top candidates hold top_p (peaked) and rows that need the whole vocabulary (flat), mixed
+    in one batch, with tied probabilities: the same token as the full sort for every uniform."""
+    from sims_lens import generation
+
+    g = torch.Generator().manual_seed(1)
+    peaked = torch.randn(6, 40, generator=g) * 6
+    flat = torch.randn(6, 40, generator=g) * 0.2
+    tied = torch.zeros(2, 40)
+    tied[:, :5] = 4.0  # five tokens share the top probability
+    logits = torch.cat([peaked, flat, tied])[torch.randperm(14, generator=g)]
+    settings = GenerationSettings(temperature=0.9, top_p=0.7)
+    grid = 257
+    u = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid
+    monkeypatch.setattr(generation, "NUCLEUS_CANDIDATES", 40)  # everything: the reference
+    full = [choose_tokens(row.expand(grid, -1), u, settings) for row in logits]
+    monkeypatch.setattr(generation, "NUCLEUS_CANDIDATES", 8)
+    probs = torch.softmax(logits.double() / 0.9, -1)
+    fits = probs.topk(8).values.sum(-1) >= 0.7
+    assert 0 < int(fits.sum()) < len(logits)  # both paths are taken
+    for row, expected in zip(logits, full, strict=True):
+        assert torch.equal(choose_tokens(row.expand(grid, -1), u, settings), expected)
+    mixed = choose_tokens(logits, u[::19][: len(logits)], settings)  # one batch, both paths
+    assert mixed.tolist() == [int(full[i][19 * i]) for i in range(len(logits))]
+
+
 def test_greedy_choice_is_argmax_and_ignores_uniforms():
     logits = torch.tensor([[0.1, 2.0, 0.3], [5.0, 1.0, 0.0]])
     assert choose_tokens(logits, None, GenerationSettings()).tolist() == [1, 0]
