@@ -5,7 +5,7 @@ pool whose threads busy-wait after every call. On a machine with few cores the t
 spinning on the same cores: the separability measures of 30 layers (a few hundred SVDs, Newton
 solves and small torch ops on 26 x 576 matrices) took 2.0 s with both pools and 0.6 s with
 OpenBLAS on one thread (2 cores). Matrices this small gain nothing from BLAS threads, so the
-project's numpy work runs inside :func:`one_blas_thread` (ARCHITECTURE.md, "Speed").
+project's numpy work runs inside :func:`one_blas_thread` (ARCHITECTURE.md, "Threads").
 """
 
 from __future__ import annotations

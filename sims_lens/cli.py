@@ -31,6 +31,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     """Print which model loads, where it is cached, its dtype, shape and hook points."""
     import time
 
+    from sims_lens.answer_cache import answer_cache_dir
     from sims_lens.models import cache_dir, load_model, resolve_source
 
     source = resolve_source(args.model)
@@ -41,6 +42,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     suffixes = sorted({name.split(".", 2)[-1] for name in model.hook_dict if name.startswith("blocks.0.")})
     print(f"model        {source.name} ({source.origin}{f': {source.path}' if source.path else ''})")
     print(f"cache        {cache_dir()}")
+    print(f"answers      {answer_cache_dir() or 'not cached (SIMS_LENS_ANSWER_CACHE=off)'}")
     print(f"load time    {seconds:.1f} s")
     print(f"dtype        {next(model.parameters()).dtype} on {next(model.parameters()).device}")
     print(f"layers       {cfg.n_layers}")

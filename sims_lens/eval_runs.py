@@ -30,11 +30,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sims_lens.answer_cache import generate_cached
 from sims_lens.chat import Exchange, encode_chat, end_token_ids
 from sims_lens.config import SimsConfig
 from sims_lens.contrast import Pair, Sample, Selection
 from sims_lens.evaluation import response_nll
-from sims_lens.generation import GenerationSettings, decode_response, generate_ids
+from sims_lens.generation import GenerationSettings, decode_response
 from sims_lens.groups import chunked
 from sims_lens.loop import Batch
 from sims_lens.oracles import is_relative, make_oracle
@@ -172,12 +173,12 @@ class _Answerer:
         ids = [encode_chat(self.tokenizer, p.text, system) for p in self.prompts for _ in range(per_prompt)]
         active = apply_steering(self.model, steering) if steering is not None and len(steering) else nullcontext()
         with active:
-            exchanges = generate_ids(
+            exchanges = generate_cached(  # the unsteered policies' answers are read back across runs
                 self.model,
                 self.tokenizer,
                 ids,
                 self.generation,
-                seed=derive_seed(self.seed, stream) if stream else self.seed,
+                derive_seed(self.seed, stream) if stream else self.seed,
             )
         responses = [decode_response(self.tokenizer, ex) for ex in exchanges]
         return Answers(policy, chunked(responses, per_prompt), chunked(exchanges, per_prompt))

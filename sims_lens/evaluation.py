@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from sims_lens.answer_cache import generate_cached, nll_cached
 from sims_lens.capture import padded_batches
 from sims_lens.chat import Exchange, encode_chat
-from sims_lens.generation import GenerationSettings, decode_response, generate_ids
+from sims_lens.generation import GenerationSettings, decode_response
 from sims_lens.groups import chunked
 from sims_lens.plain_twin import hooked_forward
 from sims_lens.prompts import Prompt
@@ -77,18 +78,23 @@ def response_nll(model: Any, exchanges: Sequence[Exchange], pad_id: int, batch_s
 
     Every token of ``response_ids`` is scored, the end token included when the response has one:
     the model's choice to stop is part of fluency. So ``len(response_ids)`` tokens are scored, the
-    weight :attr:`Evaluation.perplexity` gives each response.
+    weight :attr:`Evaluation.perplexity` gives each response. The unsteered model's values are
+    read back from the answer cache where it holds them (:mod:`sims_lens.answer_cache`).
     """
+    return nll_cached(model, exchanges, pad_id, batch_size, lambda: _response_nll(model, exchanges, pad_id, batch_size))
+
+
+def _response_nll(model: Any, exchanges: Sequence[Exchange], pad_id: int, batch_size: int) -> list[float]:
     device = next(model.parameters()).device
     out: list[float] = []
     with hooked_forward(model) as lm:  # the bridge's plain twin when no hook needs the bridge
         for chunk, ids, kwargs in padded_batches(exchanges, pad_id, batch_size, device):
-            logprobs = lm(input_ids=ids, **kwargs).logits.float().log_softmax(-1)
-            width = ids.shape[1]
-            for row, ex in enumerate(chunk):
+            keep = 1 + max(len(ex.response_ids) for ex in chunk)  # logits of the positions that predict responses
+            logprobs = lm(input_ids=ids, use_cache=False, logits_to_keep=keep, **kwargs).logits.float().log_softmax(-1)
+            for row, ex in enumerate(chunk):  # logprobs[:, j] predicts token width - keep + j + 1
                 n = len(ex.response_ids)
-                targets = ids[row, width - n :]
-                predicted = logprobs[row, width - n - 1 : width - 1]
+                targets = ids[row, ids.shape[1] - n :]
+                predicted = logprobs[row, keep - n - 1 : keep - 1]
                 out.append(float(-predicted.gather(-1, targets.unsqueeze(-1)).mean()))
     return out
 
@@ -112,7 +118,7 @@ def evaluate(
     expanded = [p for p in prompts for _ in range(samples_per_prompt)]
     ids = [encode_chat(tokenizer, p.text) for p in expanded]
     with apply_steering(model, steering) if steering is not None and len(steering) else nullcontext():
-        exchanges = generate_ids(model, tokenizer, ids, settings, seed=seed)
+        exchanges = generate_cached(model, tokenizer, ids, settings, seed)  # the base model's: cached across runs
     responses = [decode_response(tokenizer, ex) for ex in exchanges]
     texts = [p.text for p in prompts]
     groups = chunked(responses, samples_per_prompt)

@@ -24,12 +24,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from sims_lens.answer_cache import generate_cached
 from sims_lens.capture import capture_activations, pair_tokens, reduce_tokens
 from sims_lens.chat import Exchange, encode_chat, end_token_ids
 from sims_lens.config import SimsConfig, resolve_layers, resolve_observe
 from sims_lens.contrast import MemoryBank, Sample, Selection, label_samples, select_pairs
 from sims_lens.evaluation import Evaluation, evaluate, head_to_head, heldout_seed
-from sims_lens.generation import GenerationSettings, decode_response, generate_ids
+from sims_lens.generation import GenerationSettings, decode_response
 from sims_lens.groups import chunked
 from sims_lens.metrics import MetricRow, batch_rows, heldout_rows, layer_rows, metric_row
 from sims_lens.oracles.base import is_relative, judges_with_policy
@@ -325,12 +326,12 @@ class Sims:
         k = self.config.samples_per_prompt
         ids = [encode_chat(self.tokenizer, p.text) for p in prompts for _ in range(k)]
         with self._bar(len(ids), f"iter {iteration}: sampling") as bar, self._policy():
-            return generate_ids(
+            return generate_cached(  # pi_0's samples (iteration 1) are read back in runs that share them
                 self.model,
                 self.tokenizer,
                 ids,
                 self.generation,
-                seed=derive_seed(self.config.seed, "train", iteration),
+                derive_seed(self.config.seed, "train", iteration),
                 on_batch=bar.update,
             )
 

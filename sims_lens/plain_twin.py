@@ -69,7 +69,7 @@ def hooked_forward(model: Any) -> Iterator[nn.Module]:
         yield model
         return
     twin = plain_twin(model)
-    hooked = _hooked_points(model)
+    hooked = hooked_points(model)
     if twin is None or any(id(point) not in twin.sites for point in hooked):
         yield bridged
         return
@@ -98,7 +98,7 @@ def _site_map(model: Any) -> dict[int, Site]:
     return sites
 
 
-def _hooked_points(model: Any) -> list[Any]:
+def hooked_points(model: Any) -> list[Any]:
     """Every hook point of ``model`` that has hooks now (each once, aliases included)."""
     points = {id(p): p for p in model.hook_dict.values()}.values()
     return [p for p in points if p._forward_hooks or p._forward_pre_hooks or p._backward_hooks]

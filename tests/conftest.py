@@ -5,6 +5,12 @@ from __future__ import annotations
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _no_answer_cache(monkeypatch):
+    """Tests compute every answer (a test of the answer cache points it at a folder of its own)."""
+    monkeypatch.setenv("SIMS_LENS_ANSWER_CACHE", "off")
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """A 2-layer random-weight Llama bridge and its tokenizer (built offline in about a second)."""
