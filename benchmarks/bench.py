@@ -10,6 +10,8 @@ repeats (best of N each), so drifting machine load hits both alike:
 - capture: ``capture_activations`` (one steered layer, every layer observed) against a plain
   forward over the same tokens;
 - one SIMS iteration on the embedded model, wall time by phase, at three sizes (N, K, tokens);
+- what observing every layer adds to the largest of them (the capture's extra layers, the live
+  analysis), against its wall time;
 - peak memory of a capture against the number of samples;
 - the machine's matmul rate, and the share of it the sampler reaches.
 
@@ -23,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -343,7 +347,9 @@ class PhaseTimer:
         return wrapper
 
 
-def iteration_phases(bench: Bench, sizes: list[tuple[int, int, int]]) -> None:
+def iteration_phases(bench: Bench, sizes: list[tuple[int, int, int]]) -> tuple[Any, float]:
+    """One SIMS iteration at each size, by phase; returns the last one's result and wall time."""
+    result, total = None, 0.0
     for n, k, tokens in sizes:
         config = SimsConfig(
             iterations=1,
@@ -360,7 +366,7 @@ def iteration_phases(bench: Bench, sizes: list[tuple[int, int, int]]) -> None:
         sims.prepare()  # the base model's held-out evaluation: once per run, not per iteration
         timer = PhaseTimer(sims, bench.sync)
         start = time.perf_counter()
-        sims.step(1)
+        result = sims.step(1)
         total = time.perf_counter() - start
         parts = ", ".join(
             f"{name.removesuffix('_pairs')} {timer.seconds.get(name, 0.0):.1f}" for name in PhaseTimer.PHASES
@@ -369,6 +375,66 @@ def iteration_phases(bench: Bench, sizes: list[tuple[int, int, int]]) -> None:
         bench.add(
             Row("SIMS iteration", f"N={n}, K={k}, {tokens} tokens", total, "s", note=f"{parts}, metrics {other:.1f} s")
         )
+    return result, total
+
+
+def observation_cost(bench: Bench, result: Any, iteration_seconds: float) -> None:
+    """What observing every layer adds to one iteration: the capture's extra layers and the live analysis.
+
+    On the iteration's own pairs: the capture with every layer observed against the steered layer
+    alone (alternating), and the live analysis (metrics, separability, logit lens, figures) of
+    every observed layer against that of the steered layer alone, each in a fresh run folder.
+    """
+    from analysis.live import LiveAnalysis  # the benchmark wires analysis in as the CLI does
+
+    model, tok = bench.model, bench.tokenizer
+    pairs = result.selection.pairs
+    exchanges = [p.positive.exchange for p in pairs] + [p.negative.exchange for p in pairs]
+    pad, ends = int(tok.pad_token_id), end_token_ids(tok)
+
+    def seconds(fn: Callable[[], Any]) -> Callable[[], float]:
+        def measure() -> float:  # negated: best_alternating keeps the largest
+            bench.sync()
+            start = time.perf_counter()
+            fn()
+            bench.sync()
+            return start - time.perf_counter()
+
+        return measure
+
+    best = best_alternating(
+        {
+            "all": seconds(
+                lambda: capture_activations(
+                    model, exchanges, result.hooks, pad, 16, end_ids=ends, mean_hooks=result.observed_hooks
+                )
+            ),
+            "steered": seconds(lambda: capture_activations(model, exchanges, result.hooks, pad, 16, end_ids=ends)),
+        },
+        bench.repeats,
+    )
+    capture_extra = best["steered"] - best["all"]
+    unobserved = dataclasses.replace(
+        result, observed_hooks=[], observed_positives=torch.zeros(0, 0, 0), observed_negatives=torch.zeros(0, 0, 0)
+    )
+    analysis: dict[str, float] = {}
+    for name, which in (("all", result), ("steered", unobserved)):
+        with tempfile.TemporaryDirectory() as folder:
+            live = LiveAnalysis(folder, model=model, tokenizer=tok)
+            analysis[name] = -seconds(lambda live=live, which=which: live.on_iteration(which))()
+    extra = capture_extra + analysis["all"] - analysis["steered"]
+    bench.add(
+        Row(
+            "observing every layer",
+            f"{len(result.observed_hooks)} layers, {len(pairs)} pairs",
+            extra,
+            "s",
+            "the iteration",
+            iteration_seconds,
+            extra / iteration_seconds,
+            f"capture +{capture_extra:.2f} s; analysis {analysis['all']:.2f} s vs {analysis['steered']:.2f} s",
+        )
+    )
 
 
 def matmul_rate(bench: Bench, sampler_tokens_per_second: float) -> None:
@@ -441,7 +507,8 @@ def main() -> None:
     if wanted("memory"):
         capture_memory(bench, args)
     if wanted("iteration"):
-        iteration_phases(bench, [(4, 2, 16), (8, 4, 24), (16, 4, 40)])
+        result, seconds = iteration_phases(bench, [(4, 2, 16), (8, 4, 24), (16, 4, 40)])
+        observation_cost(bench, result, seconds)
     if wanted("machine"):
         sampler = next((r.value for r in bench.rows if r.case.startswith("greedy, batch 64")), None)
         if sampler is not None:
