@@ -482,6 +482,7 @@ def main() -> None:
         "--only", default="", help="comma-separated subset: sampler,steering,capture,memory,iteration,machine"
     )
     args = parser.parse_args()
+    os.environ["SIMS_LENS_ANSWER_CACHE"] = "off"  # measure the work, never read answers back
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if args.memory_child:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 
-@pytest.fixture(autouse=True)
-def _no_answer_cache(monkeypatch):
-    """Tests compute every answer (a test of the answer cache points it at a folder of its own)."""
-    monkeypatch.setenv("SIMS_LENS_ANSWER_CACHE", "off")
+def pytest_configure(config):
+    """Tests compute every answer, session- and module-scoped fixtures included (a test of the answer
+    cache points it at a folder of its own)."""
+    os.environ["SIMS_LENS_ANSWER_CACHE"] = "off"
 
 
 @pytest.fixture(scope="session")
