@@ -8,10 +8,11 @@ work. Sampling is reproducible (every row draws from its own seeded stream, ARCH
 
 What is cached is the model's part only: the token ids of the answers (:func:`generate_cached`) and
 their mean NLL under the model (:func:`nll_cached`); oracles score them afresh every time. An entry
-is found by a key over everything the result depends on: the model's weights (a fingerprint of
-every tensor), the device type, dtype and thread count, the torch and transformers versions, the
-source of the sampler, the end and pad tokens, the prompt ids, the settings and the seed. Nothing is
-cached while hooks are active on the model (a steered policy, a user's hook) or without a seed.
+is found by a key over what the result depends on: the model's weights (a fingerprint of every
+tensor) and config, the hardware (device model, instruction set, threads, matmul precision), the
+torch and transformers versions, the source of the modules that decide answers and NLL (:data:`CODE`),
+the end and pad tokens, the prompt ids, the settings and the seed. Nothing is cached while hooks are
+active on the model (a steered policy, a user's hook) or without a seed.
 
 Where: ``$SIMS_LENS_ANSWER_CACHE``, else ``answers/`` under the user cache folder
 (:func:`sims_lens.models.cache_dir`); ``SIMS_LENS_ANSWER_CACHE=off`` turns it off. An entry that
@@ -21,30 +22,36 @@ cannot be read (a truncated file, another format) is recomputed and rewritten wi
 from __future__ import annotations
 
 import hashlib
-import inspect
+import importlib.util
 import json
 import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from torch import Tensor
 
-from sims_lens import generation, plain_twin
+import sims_lens
 from sims_lens.chat import Exchange, end_token_ids
 from sims_lens.generation import GenerationSettings, generate_ids
 from sims_lens.models import cache_dir
 from sims_lens.plain_twin import hooked_points
 
 ENV = "SIMS_LENS_ANSWER_CACHE"
+CODE = tuple(
+    f"sims_lens.{name}"
+    for name in ("generation", "kv_cache", "plain_twin", "chat", "seeds", "steering.positions", "capture", "evaluation")
+)
+"""The modules whose source is part of every key: the sampler, its KV cache and twin, chat formatting and
+token spans, seeds, position tracking, padded batches, and the NLL's forward."""
 FORMAT = 1
 """Bumped when an entry's layout changes (old entries are then never found)."""
-
-_FINGERPRINTS: dict[int, tuple[Any, tuple[tuple[int, int], ...], str]] = {}
 
 
 def answer_cache_dir() -> Path | None:
@@ -73,6 +80,8 @@ def generate_cached(
         exchanges = [Exchange(tuple(p), tuple(r)) for p, r in entry]
         if [list(ex.prompt_ids) for ex in exchanges] != [list(p) for p in prompts]:
             raise ValueError("its prompts are not the ones asked for")
+        if on_batch is not None:  # read back: the progress is complete at once
+            on_batch(len(exchanges))
         return exchanges
 
     return _through_cache(key, compute, _encode_exchanges, decode)
@@ -99,30 +108,38 @@ def nll_cached(
 
 
 def model_fingerprint(model: Any) -> str:
-    """A digest of every parameter and buffer (name, shape, dtype, sums and a few values).
+    """A digest of every parameter and buffer: name, shape, dtype, and per tensor its sum, sum of
+    squares and a dot product with fixed pseudo-random weights (which order-only changes, such as
+    swapped rows, do move), accumulated over chunks.
 
-    One pass of sums over the weights and, for weights that differ anywhere, different with
-    overwhelming probability: two checkpoints, a fine-tuned copy, another dtype. Kept per model
-    object and computed again once a tensor is edited in place or replaced (torch counts in-place
-    edits in each tensor's version).
+    For weights that differ anywhere the digest differs with overwhelming probability: two
+    checkpoints, a fine-tuned copy, another dtype. It is computed on every call (one pass over the
+    weights), so weights edited in place are noticed.
     """
     module = getattr(model, "original_model", model)
-    tensors = [*module.named_parameters(), *module.named_buffers()]
-    versions = tuple((t.data_ptr(), t._version) for _, t in tensors)
-    cached = _FINGERPRINTS.get(id(model))
-    if cached is not None and cached[0] is model and cached[1] == versions:
-        return cached[2]
     digest = hashlib.sha256()
     with torch.no_grad():
-        for name, tensor in tensors:
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
             flat = tensor.detach().reshape(-1)
-            wide = flat.double()
-            summary = [float(wide.sum()), float(wide.abs().sum()), float((wide * wide).sum())]
-            head = flat[:8].double().tolist()
-            digest.update(json.dumps([name, list(tensor.shape), str(tensor.dtype), summary, head]).encode())
-    fingerprint = digest.hexdigest()
-    _FINGERPRINTS[id(model)] = (model, versions, fingerprint)
-    return fingerprint
+            weights = _pseudo_random(flat.device)
+            sums = [0.0, 0.0, 0.0]
+            for start in range(0, flat.numel(), _CHUNK):
+                chunk = flat[start : start + _CHUNK].float()
+                sums[0] += float(chunk.sum(dtype=torch.float64))
+                sums[1] += float(torch.dot(chunk, chunk))
+                sums[2] += float(torch.dot(chunk, weights[: chunk.numel()]))
+            digest.update(json.dumps([name, list(tensor.shape), str(tensor.dtype), sums]).encode())
+    return digest.hexdigest()
+
+
+_CHUNK = 1 << 20
+
+
+@cache
+def _pseudo_random(device: torch.device) -> Tensor:
+    """``_CHUNK`` fixed float32 weights in [0.5, 1.5): the same on every machine (an integer hash, no RNG)."""
+    index = torch.arange(_CHUNK, dtype=torch.int64, device=device)
+    return (0.5 + ((index * 2654435761) % 4294967296).double() / 4294967296).float()
 
 
 def _generation_inputs(
@@ -139,27 +156,55 @@ def _generation_inputs(
 
 
 def _key(model: Any, kind: str, inputs: dict[str, Any]) -> str | None:
-    """The entry's name: a digest of what the result depends on; None when the model has hooks active."""
-    if hooked_points(model) or answer_cache_dir() is None:
+    """The entry's name: a digest of what the result depends on; None when the model has hooks active
+    (or is not a TransformerLens model, whose hooks cannot be listed)."""
+    if answer_cache_dir() is None or not hasattr(model, "hook_dict") or hooked_points(model):
         return None
-    device = next(model.parameters()).device
     described = {
         "format": FORMAT,
         "kind": kind,
         "model": model_fingerprint(model),
-        "device": device.type,
-        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "config": _config_digest(model),
+        "hardware": _hardware(next(model.parameters()).device),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "sampler": _sampler_source(),
+        "code": _code_digest(),
         "inputs": inputs,
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
-def _sampler_source() -> str:
-    """A digest of the modules whose code decides the answers: a change to the sampler is a new key."""
-    return hashlib.sha256("".join(inspect.getsource(m) for m in (generation, plain_twin)).encode()).hexdigest()
+def _hardware(device: torch.device) -> dict[str, Any]:
+    """What the numerics depend on besides the code: the device model, its instruction set, threads, precision."""
+    described: dict[str, Any] = {"type": device.type, "matmul_precision": torch.get_float32_matmul_precision()}
+    if device.type == "cpu":
+        described |= {"capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
+    elif device.type == "cuda":
+        described |= {
+            "name": torch.cuda.get_device_name(device),
+            "capability": list(torch.cuda.get_device_capability(device)),
+            "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        }
+    return described
+
+
+def _config_digest(model: Any) -> str:
+    config: Any = getattr(getattr(model, "original_model", model), "config", None)
+    text = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(config)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@cache
+def _code_digest() -> str:
+    """A digest of the modules whose code decides the answers and their NLL: changing them is a new key."""
+    digest = hashlib.sha256()
+    try:  # read as files, not imported: evaluation imports this module
+        for name in CODE:
+            spec = importlib.util.find_spec(name)
+            digest.update(Path(str(spec.origin if spec else "")).read_bytes())
+    except OSError:  # no source shipped: the package version stands in
+        return f"sims_lens {sims_lens.__version__}"
+    return digest.hexdigest()
 
 
 def _encode_exchanges(exchanges: Sequence[Exchange]) -> list[list[list[int]]]:

@@ -4,8 +4,9 @@ torch runs its own OpenMP thread pool; numpy (and scikit-learn) call OpenBLAS, w
 pool whose threads busy-wait after every call. On a machine with few cores the two pools take turns
 spinning on the same cores: the separability measures of 30 layers (a few hundred SVDs, Newton
 solves and small torch ops on 26 x 576 matrices) took 2.0 s with both pools and 0.6 s with
-OpenBLAS on one thread (2 cores). Matrices this small gain nothing from BLAS threads, so the
-project's numpy work runs inside :func:`one_blas_thread` (ARCHITECTURE.md, "Threads").
+OpenBLAS on one thread (2 cores). Matrices this small gain nothing from BLAS threads, so the probe
+fits (:mod:`sims_lens.steering.learners.probe`: the probe learner, the separability measures, the
+HPR gate) run inside :func:`one_blas_thread` (ARCHITECTURE.md, "Threads").
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def _controller() -> ThreadpoolController:
 
 @contextmanager
 def one_blas_thread() -> Iterator[None]:
-    """Limit every BLAS library (OpenBLAS, MKL...) to one thread inside the block; restored after, even on error."""
+    """Limit the BLAS libraries loaded at first use (numpy's OpenBLAS...) to one thread inside the block;
+    restored after, even on error."""
     with _controller().limit(limits=1, user_api="blas"):
         yield

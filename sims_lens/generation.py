@@ -125,18 +125,21 @@ def choose_tokens(
 
     Top-p keeps the most probable tokens up to and including the one whose cumulative probability
     reaches ``top_p`` (as Hugging Face does); the row's uniform picks among them in descending order
-    (ties: the lower token id first). In a row whose ``NUCLEUS_CANDIDATES`` most probable tokens hold
-    ``top_p`` of its mass the nucleus lies among them, and only they are sorted; the other rows sort
-    their whole vocabulary: the same choice, without sorting 49k probabilities per row and step.
+    (ties: the lower token id first). In a row whose tokens *more* probable than its
+    ``NUCLEUS_CANDIDATES``-th most probable one hold ``top_p`` of its mass, the nucleus lies among
+    them (a tie at the cut cannot reach into it), and only the candidates are sorted; the other rows
+    sort their whole vocabulary: the same choice, without sorting 49k probabilities per row and step.
     """
     if uniforms is None:
         return logits.argmax(-1)
     probs = torch.softmax(logits.double() / settings.temperature, dim=-1)
+    uniforms = uniforms.to(probs.device)
     if settings.top_p >= 1:
         return _inverse_cdf(probs, uniforms, None)
     k = min(NUCLEUS_CANDIDATES, probs.shape[-1])
     top, index = probs.topk(k, dim=-1)
-    fits = top.sum(-1) >= settings.top_p if k < probs.shape[-1] else torch.zeros_like(uniforms, dtype=torch.bool)
+    above_cut = torch.where(top > top[:, -1:], top, 0.0).sum(-1)  # the mass strictly above the k-th candidate
+    fits = above_cut >= settings.top_p if k < probs.shape[-1] else torch.zeros_like(uniforms, dtype=torch.bool)
     chosen = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
     if bool(fits.any()):
         by_id = index[fits].argsort(dim=-1)  # candidates in token order, so that the stable sort breaks ties by id

@@ -7,6 +7,7 @@ layers are :class:`GrowingLayer`: they reserve ``reserve`` more positions when t
 filled, write new positions in place and hand attention views of the filled part, so a step copies
 only its own token's keys and values (ARCHITECTURE.md, "Sampling"). Sliding-window layers (other
 architectures) keep Hugging Face's own layer. The attention sees the same keys and values either way.
+Offloading the cache to the CPU (``DynamicCache(offloading=True)``) is not supported by these layers.
 """
 
 from __future__ import annotations
@@ -57,7 +58,10 @@ class GrowingLayer(DynamicLayer):
         self._expose()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.reorder_cache(torch.as_tensor(indices, dtype=torch.long))  # type: ignore[arg-type]
+        index = torch.as_tensor(indices)
+        if index.dtype == torch.bool:  # a row mask, as DynamicLayer's keys[indices] accepts
+            index = index.nonzero().squeeze(-1)
+        self.reorder_cache(index.long())  # type: ignore[arg-type]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self._keys is None or self._values is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -149,15 +150,51 @@ def test_a_second_run_with_the_same_seed_reads_back_pi0s_answers_and_gives_the_s
         assert torch.equal(a.positives, b.positives)
 
 
-def test_the_fingerprint_follows_weights_edited_in_place():
+def test_the_fingerprint_follows_weights_edited_in_place_through_data_or_reordered():
     model, _ = tiny_model(n_layers=1, d_model=32, seed=2)
     before = model_fingerprint(model)
     assert model_fingerprint(model) == before
-    weight = next(model.original_model.parameters())
-    original = weight[0, 0].item()
-    with torch.no_grad():
-        weight[0, 0] = original + 1.0
+    weight = next(p for p in model.original_model.parameters() if p.ndim == 2)
+    original = weight.detach().clone()
+    weight.data[0, 0] = original[0, 0] + 1.0  # through .data: torch's version counter does not see it
     assert model_fingerprint(model) != before
-    with torch.no_grad():
-        weight[0, 0] = original
+    weight.data.copy_(original)
     assert model_fingerprint(model) == before  # the same weights again: the same entries
+    weight.data[[0, 1]] = original[[1, 0]]  # two rows swapped: the same sums, other weights
+    assert model_fingerprint(model) != before
+    weight.data.copy_(original)
+
+
+def test_eval_reads_back_the_unsteered_answers_and_gives_the_same_table(tiny, tmp_path, monkeypatch):
+    """``sims-lens eval`` twice: the second pass samples only the steered policies; the estimates are equal."""
+    from test_eval_runs import FakeRelevance, _make_run
+    from test_loop import LetterOracle
+
+    from sims_lens.eval_runs import EvalSettings, evaluate_runs
+
+    run = _make_run(tiny, tmp_path / "run", 0)  # made with the cache off (the tests' default)
+    cache = tmp_path / "answers"
+    monkeypatch.setenv("SIMS_LENS_ANSWER_CACHE", str(cache))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"h{i}", "prompt": t}) + "\n" for i, t in enumerate(["Hi", "Why?"])))
+    model, tok = tiny
+    settings = EvalSettings(prompts=str(prompts), samples=2, n_boot=100)
+    seen: list[int] = []
+    real = answer_cache.generate_ids
+
+    def counting(model, tokenizer, prompts, settings, seed=None, on_batch=None):
+        seen.append(len(prompts))
+        return real(model, tokenizer, prompts, settings, seed=seed, on_batch=on_batch)
+
+    monkeypatch.setattr(answer_cache, "generate_ids", counting)
+
+    def evaluate(out: str):
+        oracles = {"oracle": LetterOracle(), "relevance": FakeRelevance()}
+        return evaluate_runs([run], tmp_path / out, model, tok, settings, **oracles)
+
+    first = evaluate("first")
+    n_first = len(seen)
+    second = evaluate("second")
+    # base, prompting and best_of_k (3 unsteered calls) read back; the run's 2 policies and 2 static fits sampled again
+    assert n_first - (len(seen) - n_first) == 3
+    pd.testing.assert_frame_equal(first, second)

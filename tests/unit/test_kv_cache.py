@@ -51,6 +51,18 @@ def test_a_growing_layer_writes_in_place_within_its_reserve():
     assert layer.get_seq_length() == 8 and layer.keys.shape == (2, 3, 8, 8)
 
 
+def test_selecting_rows_by_index_or_by_mask_matches_the_dynamic_layer():
+    g = torch.Generator().manual_seed(2)
+    for select in (torch.tensor([2, 0]), torch.tensor([True, False, True, False])):
+        ours, theirs = GrowingLayer(4), DynamicLayer()
+        k, v = _kv(4, 3, g)
+        ours.update(k, v)
+        theirs.update(k, v)
+        ours.batch_select_indices(select)
+        theirs.batch_select_indices(select)
+        assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+
+
 def test_the_cache_of_a_model_config_uses_growing_layers(tiny):
     model, _ = tiny
     cache = growing_cache(model.original_model.config, reserve=5)

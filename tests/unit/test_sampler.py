@@ -135,6 +135,17 @@ def test_sorting_only_the_top_candidates_chooses_what_sorting_everything_chooses
     mixed = choose_tokens(logits, u[::19][: len(logits)], settings)  # one batch, both paths
     assert mixed.tolist() == [int(full[i][19 * i]) for i in range(len(logits))]
 
+    # a tie across the candidates' cut that the nucleus reaches into: the lower id must win, as in the full sort
+    cut = torch.full((1, 40), -10.0)
+    cut[0, 10:17] = 3.0  # seven clear favourites
+    cut[0, [5, 30]] = 1.0  # tied for the eighth place, the last candidate's
+    settings = GenerationSettings(temperature=1.0, top_p=0.97)
+    monkeypatch.setattr(generation, "NUCLEUS_CANDIDATES", 40)
+    expected = choose_tokens(cut.expand(grid, -1), u, settings)
+    assert 5 in expected.tolist() and 30 not in expected.tolist()
+    monkeypatch.setattr(generation, "NUCLEUS_CANDIDATES", 8)
+    assert torch.equal(choose_tokens(cut.expand(grid, -1), u, settings), expected)
+
 
 def test_greedy_choice_is_argmax_and_ignores_uniforms():
     logits = torch.tensor([[0.1, 2.0, 0.3], [5.0, 1.0, 0.0]])
