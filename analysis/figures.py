@@ -356,13 +356,13 @@ def separability_figure(metrics: pd.DataFrame) -> go.Figure:
     fig.add_hline(y=0.5, line_dash="dot", line_color="#888888", row=1, col=1)
     if has_null:
         title = (
-            "Separability of H+ vs H- per layer (cross-validated, grouped by prompt; "
-            "null: labels permuted within prompts; 0.5 = chance)"
+            "Separability of H+ vs H- per layer<br><sup>cross-validated, grouped by prompt; "
+            "null: labels permuted within prompts; 0.5 = chance</sup>"
         )
     else:
         title = (
-            "Separability of H+ vs H- per layer (older run: probe accuracy from one split not grouped by "
-            "prompt, Fisher ratio in sample; 0.5 = chance)"
+            "Separability of H+ vs H- per layer<br><sup>older run: probe accuracy from one split not grouped by "
+            "prompt, Fisher ratio in sample; 0.5 = chance</sup>"
         )
     fig.update_layout(title=title)
     return fig
