@@ -28,8 +28,9 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analysis.figures import _empty, _write_atomic, color, ensure_plotlyjs
+from analysis.figures import _empty, color, ensure_plotlyjs
 from sims_lens.eval_runs import BASELINES, EVAL_COLUMNS, EVAL_FILE
+from sims_lens.files import write_atomic
 
 INDEX_FILE = "index.html"
 POOLED_RUN = "all"
@@ -426,7 +427,7 @@ def write_eval_report(eval_dir: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     ensure_plotlyjs(folder)
     path = folder / INDEX_FILE
-    _write_atomic(path, eval_index_html(frame, str(folder)))
+    write_atomic(path, eval_index_html(frame, str(folder)))
     return path
 
 

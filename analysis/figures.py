@@ -15,7 +15,6 @@ iterations; cells carry their value as text only while a heatmap has at most
 from __future__ import annotations
 
 import html
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from analysis.geometry import Policies, direction_norms, drift, hooks_of, iterat
 from analysis.logit_lens import read_lens
 from analysis.observed import ObservedSummary, candidate_cosines, load_summaries
 from analysis.run_data import RunData, config_summary, load_run, summary_from_metrics
+from sims_lens.files import write_atomic
 from sims_lens.metrics import HELDOUT_METRICS
 from sims_lens.run_folder import RunFolder
 from sims_lens.steering.functions import layer_of
@@ -766,7 +766,7 @@ def ensure_plotlyjs(folder: Path) -> Path:
 
     path = folder / "plotly.min.js"
     if not path.is_file():
-        _write_atomic(path, get_plotlyjs())
+        write_atomic(path, get_plotlyjs())
     return path
 
 
@@ -774,7 +774,7 @@ def write_figure(fig: go.Figure, path: Path) -> Path:
     """One figure as an HTML page that loads the ``plotly.min.js`` next to it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     ensure_plotlyjs(path.parent)
-    _write_atomic(path, fig.to_html(include_plotlyjs="directory", full_html=True))
+    write_atomic(path, fig.to_html(include_plotlyjs="directory", full_html=True))
     return path
 
 
@@ -797,9 +797,9 @@ def write_index(
         write_figure(fig, folder / f"{name}.html")
     ensure_plotlyjs(folder)  # index.html embeds two figures
     lens = lens if lens is not None else read_lens(run_dir)
-    _write_atomic(folder / "logit_lens.html", lens_page_html(data, lens))
+    write_atomic(folder / "logit_lens.html", lens_page_html(data, lens))
     summary = summary_from_metrics(data.metrics)
-    _write_atomic(folder / "index.html", index_html(data, list(figures), summary, lens=lens))
+    write_atomic(folder / "index.html", index_html(data, list(figures), summary, lens=lens))
     return folder / "index.html"
 
 
@@ -915,9 +915,3 @@ def _embed(fig: go.Figure, div_id: str) -> str:
 def _layer_count(metrics: pd.DataFrame) -> int:
     rows = metrics[metrics["metric"].isin(["probe_accuracy"]) & metrics["layer"].notna()]
     return int(rows["layer"].nunique())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

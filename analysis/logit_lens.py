@@ -13,7 +13,6 @@ and keeps the table in ``RUN/logit_lens.csv`` (:data:`LENS_COLUMNS`, :func:`lens
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from sims_lens.files import write_atomic
 from sims_lens.run_folder import RunFolder
 from sims_lens.steering.functions import SteeringSet, layer_of
 
@@ -183,9 +183,7 @@ def replace_lens(run_dir: str | Path, frame: pd.DataFrame) -> Path:
     out = out.sort_values(
         ["iteration", "layer", "direction", "sign", "rank"], key=lambda c: c.map(order) if c.name == "sign" else c
     )
-    tmp = path.with_name(f".{path.name}.tmp")
-    out.astype({"layer": "Int64"}).to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    write_atomic(path, out.astype({"layer": "Int64"}).to_csv(index=False))
     return path
 
 

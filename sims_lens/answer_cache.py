@@ -26,7 +26,6 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from functools import cache
@@ -39,6 +38,7 @@ from torch import Tensor
 
 import sims_lens
 from sims_lens.chat import Exchange, end_token_ids
+from sims_lens.files import write_atomic
 from sims_lens.generation import GenerationSettings, generate_ids
 from sims_lens.models import cache_dir
 from sims_lens.plain_twin import hooked_points
@@ -226,19 +226,8 @@ def _through_cache(
             print(f"warning: answer cache entry {path} is unreadable ({err}); computing it again", file=sys.stderr)
     result = compute()
     try:
-        _write_atomic(path, json.dumps(encode(result)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(encode(result)))
     except OSError as err:
         print(f"warning: could not write the answer cache entry {path}: {err}", file=sys.stderr)
     return result
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

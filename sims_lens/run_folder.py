@@ -48,6 +48,7 @@ from torch import Tensor
 from sims_lens.chat import Exchange
 from sims_lens.config import SimsConfig, config_from_dict, config_to_dict, save_config
 from sims_lens.evaluation import Evaluation
+from sims_lens.files import write_atomic
 from sims_lens.metrics import METRIC_COLUMNS, MetricRow, empty_metrics, tidy_metrics
 from sims_lens.steering.functions import SteeringSet, layer_of
 from sims_lens.steering.io import load_steering, save_steering
@@ -193,7 +194,7 @@ class RunFolder:
         return state
 
     def write_state(self, state: dict[str, Any]) -> None:
-        _write_atomic(self.state_path, json.dumps(state, indent=2) + "\n")
+        write_atomic(self.state_path, json.dumps(state, indent=2) + "\n")
 
     @property
     def completed_iterations(self) -> int:
@@ -243,9 +244,7 @@ class RunFolder:
         """Replace ``analysis_metrics.csv`` (atomically; layer empty where it does not apply)."""
         self.path.mkdir(parents=True, exist_ok=True)
         out = tidy_metrics(frame).astype({"layer": "Int64"})
-        tmp = self.analysis_metrics_path.with_name(f".{ANALYSIS_METRICS}.tmp")
-        out.to_csv(tmp, index=False)
-        os.replace(tmp, self.analysis_metrics_path)
+        write_atomic(self.analysis_metrics_path, out.to_csv(index=False))
 
     def _finished(self, frame: pd.DataFrame) -> pd.DataFrame:
         if not self.state_path.is_file():
@@ -365,7 +364,7 @@ class RunFolder:
                 strict=True,
             )
         ]
-        _write_atomic(self.base_path, "".join(json.dumps(r) + "\n" for r in records))
+        write_atomic(self.base_path, "".join(json.dumps(r) + "\n" for r in records))
 
     def load_base(self) -> Evaluation | None:
         records = _read_jsonl(self.base_path)
@@ -395,7 +394,7 @@ class RunFolder:
                     continue
                 if record[key] <= iteration:
                     kept.append(record)
-            _write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+            write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
         if self.metrics_path.is_file():
             with self.metrics_path.open() as fh:
                 rows = [r for r in csv.DictReader(fh) if int(r["iteration"]) <= iteration]
@@ -551,9 +550,3 @@ def _read_metrics_csv(path: Path) -> pd.DataFrame:
     if not path.is_file() or path.stat().st_size == 0:
         return empty_metrics()
     return tidy_metrics(pd.read_csv(path))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
