@@ -165,7 +165,7 @@ def test_the_fingerprint_follows_weights_edited_in_place_through_data_or_reorder
     weight.data.copy_(original)
 
 
-def test_eval_reads_back_the_unsteered_answers_and_gives_the_same_table(tiny, tmp_path, monkeypatch):
+def test_eval_reads_back_the_unsteered_answers_and_gives_the_same_table(tiny, tmp_path, monkeypatch, calls):
     """``sims-lens eval`` twice: the second pass samples only the steered policies; the estimates are equal."""
     from test_eval_runs import FakeRelevance, _make_run
     from test_loop import LetterOracle
@@ -173,28 +173,20 @@ def test_eval_reads_back_the_unsteered_answers_and_gives_the_same_table(tiny, tm
     from sims_lens.eval_runs import EvalSettings, evaluate_runs
 
     run = _make_run(tiny, tmp_path / "run", 0)  # made with the cache off (the tests' default)
-    cache = tmp_path / "answers"
-    monkeypatch.setenv("SIMS_LENS_ANSWER_CACHE", str(cache))
+    monkeypatch.setenv("SIMS_LENS_ANSWER_CACHE", str(tmp_path / "answers"))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"h{i}", "prompt": t}) + "\n" for i, t in enumerate(["Hi", "Why?"])))
     model, tok = tiny
     settings = EvalSettings(prompts=str(prompts), samples=2, n_boot=100)
-    seen: list[int] = []
-    real = answer_cache.generate_ids
-
-    def counting(model, tokenizer, prompts, settings, seed=None, on_batch=None):
-        seen.append(len(prompts))
-        return real(model, tokenizer, prompts, settings, seed=seed, on_batch=on_batch)
-
-    monkeypatch.setattr(answer_cache, "generate_ids", counting)
 
     def evaluate(out: str):
         oracles = {"oracle": LetterOracle(), "relevance": FakeRelevance()}
         return evaluate_runs([run], tmp_path / out, model, tok, settings, **oracles)
 
+    before = len(calls)  # the run's own sampling
     first = evaluate("first")
-    n_first = len(seen)
+    n_first = len(calls) - before
     second = evaluate("second")
     # base, prompting and best_of_k (3 unsteered calls) read back; the run's 2 policies and 2 static fits sampled again
-    assert n_first - (len(seen) - n_first) == 3
+    assert n_first - (len(calls) - before - n_first) == 3
     pd.testing.assert_frame_equal(first, second)
