@@ -138,7 +138,7 @@ def test_the_nll_entry_is_per_set_of_responses(tiny, cache):
 
 def test_a_second_run_with_the_same_seed_reads_back_pi0s_answers_and_gives_the_same_run(tiny, cache, calls):
     """The base model's held-out answers and iteration 1's training samples (pi_0's) come from the cache."""
-    from test_loop import tiny_sims
+    from tests.helpers import tiny_sims
 
     first = list(tiny_sims(tiny).iterate())
     assert calls == [2, 12, 2, 12, 2]  # base held-out, then per iteration: training samples, held-out
@@ -167,12 +167,10 @@ def test_the_fingerprint_follows_weights_edited_in_place_through_data_or_reorder
 
 def test_eval_reads_back_the_unsteered_answers_and_gives_the_same_table(tiny, tmp_path, monkeypatch, calls):
     """``sims-lens eval`` twice: the second pass samples only the steered policies; the estimates are equal."""
-    from test_eval_runs import FakeRelevance, _make_run
-    from test_loop import LetterOracle
-
     from sims_lens.eval_runs import EvalSettings, evaluate_runs
+    from tests.helpers import FakeRelevance, LetterOracle, make_run
 
-    run = _make_run(tiny, tmp_path / "run", 0)  # made with the cache off (the tests' default)
+    run = make_run(tiny, tmp_path / "run", 0)  # made with the cache off (the tests' default)
     monkeypatch.setenv("SIMS_LENS_ANSWER_CACHE", str(tmp_path / "answers"))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"h{i}", "prompt": t}) + "\n" for i, t in enumerate(["Hi", "Why?"])))

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_loop import LetterOracle, tiny_sims
 
 from sims_lens.eval_runs import (
     BASELINES,
@@ -21,31 +20,13 @@ from sims_lens.eval_runs import (
 from sims_lens.prompts import Prompt
 from sims_lens.run import RunWriter
 from sims_lens.run_folder import open_run
-
-
-class FakeRelevance:
-    """Stands in for the MiniLM relevance oracle in unit tests: shared letters of prompt and response."""
-
-    name = "relevance"
-
-    def score(self, prompts, responses):
-        return [
-            [len(set(p) & set(r)) / max(len(set(p)), 1) for r in g] for p, g in zip(prompts, responses, strict=True)
-        ]
-
-
-def _make_run(tiny, out: Path, seed: int) -> Path:
-    sims = tiny_sims(tiny, seed=seed)
-    folder, _, _ = open_run(out, sims.config, resume=False)
-    sims.callbacks = [RunWriter(folder, sims.model)]
-    list(sims.iterate())
-    return out
+from tests.helpers import FakeRelevance, LetterOracle, make_run, tiny_sims
 
 
 @pytest.fixture(scope="module")
 def evaluated(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    runs = [_make_run(tiny, root / f"seed_{s}", s) for s in (0, 1)]
+    runs = [make_run(tiny, root / f"seed_{s}", s) for s in (0, 1)]
     model, tok = tiny
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"h{i}", "prompt": t}) + "\n" for i, t in enumerate(["Hi", "Why?"])))
@@ -111,7 +92,7 @@ def test_best_of_k_keeps_the_oracles_first_choice():
 
 
 def test_runs_that_differ_in_more_than_the_seed_are_not_pooled(tiny, tmp_path: Path):
-    a = _make_run(tiny, tmp_path / "a", 0)
+    a = make_run(tiny, tmp_path / "a", 0)
     sims = tiny_sims(tiny, seed=1, multiplier=2.0)
     folder, _, _ = open_run(tmp_path / "b", sims.config, resume=False)
     sims.callbacks = [RunWriter(folder, sims.model)]

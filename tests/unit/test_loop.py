@@ -14,71 +14,11 @@ from sims_lens.capture import capture_tokens, padded_forward_kwargs, reduce_toke
 from sims_lens.chat import Exchange, encode_chat, left_pad
 from sims_lens.config import load_config
 from sims_lens.contrast import MemoryBank, Sample, select_pairs
-from sims_lens.loop import NotSeparableError, Sims
-from sims_lens.prompts import Prompt
+from sims_lens.loop import NotSeparableError
 from sims_lens.run import RunWriter, restore_state
 from sims_lens.run_folder import RunFolder, RunFolderError, open_run
 from sims_lens.steering.io import load_steering
-from sims_lens.steering.learners import make_learner
-
-
-@dataclass
-class LetterOracle:
-    """Deterministic: the share of the letter 'e' in a response (a stand-in for a reward model)."""
-
-    name: str = "letter_e"
-
-    def score(self, prompts, responses):
-        return [[r.count("e") / max(len(r), 1) + 1e-3 * len(r) for r in group] for group in responses]
-
-
-@dataclass
-class ConstantOracle:
-    name: str = "constant"
-
-    def score(self, prompts, responses):
-        return [[0.0 for _ in group] for group in responses]
-
-
-TRAIN = [
-    Prompt(f"t{i}", text)
-    for i, text in enumerate(
-        [
-            "Tell me a story",
-            "What is the sea?",
-            "Write a short poem",
-            "How do I cook rice?",
-            "Explain gravity",
-            "Give me three tips",
-            "Describe the weather",
-            "What time is it?",
-        ]
-    )
-]
-HELDOUT = [Prompt("h0", "Tell me about dogs"), Prompt("h1", "What is a poem?")]
-
-
-def tiny_sims(tiny, oracle=None, **overrides) -> Sims:
-    model, tok = tiny
-    settings = {
-        "iterations": 2,
-        "prompts_per_iteration": 4,
-        "samples_per_prompt": 3,
-        "max_new_tokens": 6,
-        "layers": [0, 1],
-        "multiplier": 1.0,
-        "margin": 0.0,
-        "eval_samples_per_prompt": 1,
-        "heldout_size": 2,
-        "batch_size": 8,
-        "temperature": 1.0,
-        "top_p": 1.0,
-    }
-    settings.update(overrides)
-    config = load_config(None, [f"{k}={json.dumps(v)}" for k, v in settings.items()])
-    return Sims(
-        model, tok, config, TRAIN, HELDOUT, oracle or LetterOracle(), make_learner(config.learner), progress=False
-    )
+from tests.helpers import HELDOUT, ConstantOracle, Interrupt, LetterOracle, StopAfter, tiny_sims
 
 
 def sample(pid: str, reward: float, it: int = 1) -> Sample:
@@ -223,19 +163,6 @@ def test_guard_settings_are_validated(key, value):
 
     with pytest.raises(ConfigError, match=key):
         load_config(None, [f"{key}={json.dumps(value)}"])
-
-
-class Interrupt(Exception):
-    pass
-
-
-class StopAfter:
-    def __init__(self, iteration: int) -> None:
-        self.iteration = iteration
-
-    def on_phase(self, iteration, phase, payload):
-        if iteration == self.iteration and phase == "sample":
-            raise Interrupt
 
 
 def test_interrupted_run_resumes_from_the_last_finished_iteration(tiny, tmp_path: Path):

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from test_loop import Interrupt, StopAfter, tiny_sims
 
 from sims_lens.capture import capture_activations, capture_tokens, reduce_tokens
 from sims_lens.chat import Exchange, encode_chat, end_token_ids
@@ -28,6 +27,7 @@ from sims_lens.plain_twin import plain_twin
 from sims_lens.run import RunWriter, restore_state, sims_from_config
 from sims_lens.run_folder import ObservedActivations, RunFolder, RunFolderError, open_run
 from sims_lens.tiny import tiny_model
+from tests.helpers import Interrupt, StopAfter, tiny_sims
 
 EVERY = [f"blocks.{layer}.hook_resid_post" for layer in range(4)]
 

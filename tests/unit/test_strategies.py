@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_loop import TRAIN, Interrupt, LetterOracle, StopAfter, tiny_sims
 
 from sims_lens.metrics import HELDOUT_METRICS
 from sims_lens.oracles import make_oracle
 from sims_lens.run import RunWriter, restore_state, sims_from_config
 from sims_lens.run_folder import RunFolder, open_run
 from sims_lens.steering.hooks import active_hook_count
+from tests.helpers import TRAIN, Interrupt, LetterOracle, StopAfter, tiny_sims
 
 
 @dataclass
