@@ -13,40 +13,11 @@ import torch
 from sims_lens.capture import capture_tokens, padded_forward_kwargs, reduce_tokens
 from sims_lens.chat import Exchange, encode_chat, left_pad
 from sims_lens.config import load_config
-from sims_lens.contrast import MemoryBank, Sample, select_pairs
 from sims_lens.loop import NotSeparableError
 from sims_lens.run import RunWriter, restore_state
 from sims_lens.run_folder import RunFolder, RunFolderError, open_run
 from sims_lens.steering.io import load_steering
 from tests.helpers import HELDOUT, ConstantOracle, Interrupt, LetterOracle, StopAfter, tiny_sims
-
-
-def sample(pid: str, reward: float, it: int = 1) -> Sample:
-    return Sample(it, pid, "p", f"r{reward}", Exchange((1,), (2,)), reward)
-
-
-def test_best_vs_worst_and_tie_dropping():
-    samples = [sample("a", 0.1), sample("a", 0.9), sample("a", 0.5), sample("b", 0.3), sample("b", 0.3)]
-    selection = select_pairs(samples, margin=0.0)
-    assert [(p.positive.reward, p.negative.reward) for p in selection.pairs] == [(0.9, 0.1)]
-    assert selection.dropped_prompts == 1 and selection.considered_prompts == 2
-    assert select_pairs(samples, margin=0.9).dropped_prompts == 2
-
-
-def test_top_k_vs_bottom_k():
-    samples = [sample("a", r) for r in (0.1, 0.2, 0.8, 0.9)]
-    selection = select_pairs(samples, pairs_per_prompt=2)
-    assert [(p.positive.reward, p.negative.reward) for p in selection.pairs] == [(0.9, 0.1), (0.8, 0.2)]
-
-
-def test_contrast_sampling_picks_largest_margins_across_iterations_and_evicts_old():
-    bank = MemoryBank(size=6)
-    bank.add([sample("a", 0.4, 1), sample("a", 0.5, 1), sample("b", 0.0, 1), sample("b", 0.1, 1)])
-    bank.add([sample("a", 1.0, 2), sample("c", 0.2, 2), sample("c", 0.9, 2)])
-    assert len(bank.samples) == 6  # the oldest sample was evicted
-    selection = bank.select(margin=0.05, max_pairs=2)
-    assert [round(p.margin, 3) for p in selection.pairs] == [0.7, 0.5]
-    assert selection.pairs[1].positive.iteration == 2 and selection.pairs[1].negative.iteration == 1
 
 
 def test_capture_uses_only_response_tokens_and_never_padding(tiny):
