@@ -6,7 +6,11 @@
   its drift, separability with its null, layer x layer cosines, a 2-D view of H+ and H-
 - :mod:`analysis.logit_lens`: the tokens a direction promotes and suppresses through the unembedding;
   ``RUN/logit_lens.csv``
-- :mod:`analysis.figures`: plotly figures, the logit-lens table and ``RUN/figures/index.html``
+- :mod:`analysis.plots`: the plot helpers the figure modules share (colours, labels, heatmaps, lines)
+- :mod:`analysis.figures`: plotly figures of a run (held-out, training, direction geometry) and their registry
+- :mod:`analysis.observed_figures`: figures of every observed layer (layer x iteration heatmaps, 2-D view)
+- :mod:`analysis.ablation_figures`: figures of the ablations and the layer sweep
+- :mod:`analysis.pages`: the HTML pages: one per figure, the logit-lens table, ``RUN/figures/index.html``
 - :mod:`analysis.live`: the loop callback that records metrics (and, given the model, the logit lens)
   and rewrites the figures every iteration
 - :mod:`analysis.watch`: ``refresh(run_dir)``: the latest metrics and figures of a run in progress (notebooks)

@@ -28,7 +28,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analysis.figures import _empty, color, ensure_plotlyjs
+from analysis.pages import ensure_plotlyjs
+from analysis.plots import color, empty_figure
 from sims_lens.eval_runs import BASELINES, EVAL_COLUMNS, EVAL_FILE
 from sims_lens.files import write_atomic
 
@@ -222,7 +223,7 @@ def metric_figure(frame: pd.DataFrame, metric: str, run: str = POOLED_RUN) -> go
     title += f" ({_run_label(frame, run)})"
     part = rows[rows["metric"] == metric]
     if part.empty:
-        return _empty(title, f"no {metric} rows for run {run}")
+        return empty_figure(title, f"no {metric} rows for run {run}")
     first, last = _x_range(rows)
     x0, x1 = first - 0.5, last + 0.5
     fig = go.Figure()
@@ -298,7 +299,7 @@ def change_figure(frame: pd.DataFrame, run: str = POOLED_RUN) -> go.Figure:
     title = f"Does each iteration improve on the previous one? ({_run_label(frame, run)})"
     present = [m for m in CHANGE_METRICS if (rows["metric"] == m).any()]
     if not present:
-        return _empty(title, f"no {' or '.join(CHANGE_METRICS)} rows for run {run}")
+        return empty_figure(title, f"no {' or '.join(CHANGE_METRICS)} rows for run {run}")
     fig = make_subplots(rows=len(present), cols=1, shared_xaxes=True, subplot_titles=present, vertical_spacing=0.12)
     _, last = _x_range(rows)
     for i, metric in enumerate(present, start=1):

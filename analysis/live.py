@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.figures import write_index
+from analysis.pages import write_index
 from analysis.geometry import geometry_rows
 from analysis.logit_lens import LENS_K, lens_rows, read_lens, replace_lens
 from analysis.observed import (

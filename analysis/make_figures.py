@@ -25,7 +25,8 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
-from analysis.figures import FIGURES, build_figures, write_figure
+from analysis.figures import FIGURES, build_figures
+from analysis.pages import write_figure
 from analysis.run_data import load_run
 
 WIDTH, HEIGHT = 960, 480

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.figures import write_index
+from analysis.pages import write_index
 from analysis.geometry import geometry_rows
 from analysis.live import write_run_lens
 from analysis.observed import SEPARABILITY_METRICS, ObservedSummary, load_summaries, run_observed_rows

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from analysis.ablation_figures import layer_sweep_figure
 from analysis.ablations import SWEEP_COLUMNS, ablate, ablation_variants, layer_sweep
 from analysis.figures import (
     FIGURES,
@@ -20,7 +21,6 @@ from analysis.figures import (
     cosine_layers_figure,
     drift_figure,
     heldout_figure,
-    layer_sweep_figure,
     norms_figure,
     separability_figure,
 )

@@ -16,21 +16,9 @@ import pandas as pd
 import pytest
 import torch
 
+from analysis.ablation_figures import layer_sweep_figure
 from analysis.ablations import SWEEP_COLUMNS, sweep_layers
-from analysis.figures import (
-    FIGURES,
-    MAX_TEXT_ROWS,
-    NO_OBSERVED,
-    build_figures,
-    candidate_cosine_layers_figure,
-    candidate_drift_figure,
-    index_html,
-    layer_sweep_figure,
-    lens_table_html,
-    most_separable_layer,
-    observed_scatter_figure,
-    separability_layers_figure,
-)
+from analysis.figures import FIGURES, build_figures
 from analysis.live import LiveAnalysis, live_callbacks, write_run_lens
 from analysis.logit_lens import LENS_COLUMNS, direction_logits, lens_rows, logit_lens, read_lens, replace_lens
 from analysis.observed import (
@@ -43,6 +31,16 @@ from analysis.observed import (
     plane,
     summarize,
 )
+from analysis.observed_figures import (
+    NO_OBSERVED,
+    candidate_cosine_layers_figure,
+    candidate_drift_figure,
+    most_separable_layer,
+    observed_scatter_figure,
+    separability_layers_figure,
+)
+from analysis.pages import index_html, lens_table_html
+from analysis.plots import MAX_TEXT_ROWS
 from analysis.run_data import RunData
 from sims_lens.generation import GenerationSettings
 from sims_lens.metrics import tidy_metrics
