@@ -13,7 +13,6 @@ from torch import Tensor
 
 import sims_lens.separability as separability_module
 import sims_lens.steering.learners as learners
-from sims_lens.metrics import layer_rows
 from sims_lens.seeds import derive_seed
 from sims_lens.separability import (
     Separability,
@@ -23,7 +22,6 @@ from sims_lens.separability import (
     probe_accuracy_null,
     separability,
 )
-from sims_lens.steering.functions import SteeringFunction, SteeringSet
 from sims_lens.steering.learners.probe import fit_logistic, logistic_weights
 
 
@@ -306,45 +304,3 @@ def test_clear_errors_for_bad_groups_folds_and_inputs() -> None:
         fisher_ratio(pos, neg[:, :3])
     with pytest.raises(ValueError, match="at least 2 rows"):
         separability(pos[:1], neg[:1], None, seed=0)
-
-
-# -- the loop's per-layer rows -------------------------------------------------------------------
-
-
-def test_layer_rows_report_the_three_measures_per_layer_and_nan_for_a_single_prompt() -> None:
-    hooks = ["blocks.1.hook_resid_post", "blocks.4.hook_resid_post"]
-    steering = SteeringSet.from_functions(
-        SteeringFunction(edit="add", hook=hook, params={"vector": torch.ones(4)}) for hook in hooks
-    )
-    pos, neg = _two_gaussians(8, 4, 2.0, seed=1)
-    positives, negatives = torch.stack([pos, pos], dim=1), torch.stack([neg, neg], dim=1)
-    groups = [f"p{i // 2}" for i in range(8)]
-    rows = layer_rows(
-        1,
-        hooks=hooks,
-        positives=positives,
-        negatives=negatives,
-        groups=groups,
-        fitted=steering,
-        policy=steering,
-        seed=5,
-    )
-    got = {(r["metric"], r["layer"]): r["value"] for r in rows}
-    assert {r["split"] for r in rows} == {"train"} and {layer for _, layer in got} == {1, 4}
-    expected = separability(pos, neg, groups, seed=5)
-    for layer in (1, 4):
-        assert got[("probe_accuracy", layer)] == expected.probe_accuracy
-        assert got[("probe_accuracy_null", layer)] == expected.probe_accuracy_null
-        assert got[("fisher_ratio", layer)] == expected.fisher_ratio
-    single = layer_rows(
-        1,
-        hooks=hooks,
-        positives=positives,
-        negatives=negatives,
-        groups=["p"] * 8,
-        fitted=steering,
-        policy=steering,
-        seed=5,
-    )
-    values = {r["metric"]: r["value"] for r in single if r["layer"] == 1}
-    assert math.isnan(values["probe_accuracy"]) and math.isnan(values["fisher_ratio"]) and values["fit_norm"] == 2.0
