@@ -22,6 +22,14 @@ def tiny():
 
 
 @pytest.fixture(scope="session")
+def tiny4():
+    """A 4-layer random-weight Llama bridge (d_model 64, seed 1): layers between and above the captured ones exist."""
+    from sims_lens.tiny import tiny_model
+
+    return tiny_model(n_layers=4, d_model=64, seed=1)
+
+
+@pytest.fixture(scope="session")
 def embedded():
     """The embedded SmolLM2-135M-Instruct in float32 (dequantised and cached on first use)."""
     from sims_lens.models import load_model

@@ -1,4 +1,4 @@
-"""The SIMS loop on the tiny model: end to end, pair selection, capture, resume."""
+"""The SIMS loop on the tiny model: end to end, update rules, the guard rail, resume."""
 
 from __future__ import annotations
 
@@ -10,36 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from sims_lens.capture import capture_tokens, padded_forward_kwargs, reduce_tokens
-from sims_lens.chat import Exchange, encode_chat, left_pad
+from sims_lens.chat import Exchange
 from sims_lens.config import load_config
 from sims_lens.loop import NotSeparableError
 from sims_lens.run import RunWriter, restore_state
 from sims_lens.run_folder import RunFolder, RunFolderError, open_run
 from sims_lens.steering.io import load_steering
 from tests.helpers import HELDOUT, ConstantOracle, Interrupt, LetterOracle, StopAfter, tiny_sims
-
-
-def test_capture_uses_only_response_tokens_and_never_padding(tiny):
-    model, tok = tiny
-    exchanges = [
-        Exchange(tuple(encode_chat(tok, "Hi")), (50, 60, 70)),
-        Exchange(tuple(encode_chat(tok, "Tell me a long story about the sea")), (80, 90)),
-        Exchange(tuple(encode_chat(tok, "Why?")), (11, 12, 13, 14, 15)),
-    ]
-    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre"]
-    captured = reduce_tokens(capture_tokens(model, exchanges, hooks, tok.pad_token_id, batch_size=3), "mean")
-    ids, mask = left_pad([ex.ids for ex in exchanges], tok.pad_token_id)
-    _, cache = model.run_with_cache(ids, **padded_forward_kwargs(mask))
-    width = ids.shape[1]
-    for row, ex in enumerate(exchanges):
-        start = width - len(ex.response_ids)
-        for j, hook in enumerate(hooks):
-            expected = cache[hook][row, start:].mean(0)
-            torch.testing.assert_close(captured[row, j], expected, atol=1e-5, rtol=1e-5)
-        # and the same sample alone (no padding) gives the same activations
-        alone = reduce_tokens(capture_tokens(model, [ex], hooks, tok.pad_token_id), "mean")
-        torch.testing.assert_close(captured[row], alone[0], atol=1e-4, rtol=1e-4)
 
 
 def test_two_iterations_end_to_end(tiny):

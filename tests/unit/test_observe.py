@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sims_lens.capture import capture_activations, capture_tokens, reduce_tokens
-from sims_lens.chat import Exchange, encode_chat, end_token_ids
+from sims_lens.capture import capture_tokens, reduce_tokens
+from sims_lens.chat import end_token_ids
 from sims_lens.config import (
     ConfigError,
     SimsConfig,
@@ -23,28 +23,11 @@ from sims_lens.config import (
     resolve_observe,
     to_toml,
 )
-from sims_lens.plain_twin import plain_twin
 from sims_lens.run import RunWriter, restore_state, sims_from_config
 from sims_lens.run_folder import ObservedActivations, RunFolder, RunFolderError, open_run
-from sims_lens.tiny import tiny_model
 from tests.helpers import Interrupt, StopAfter, tiny_sims
 
 EVERY = [f"blocks.{layer}.hook_resid_post" for layer in range(4)]
-
-
-@pytest.fixture(scope="module")
-def tiny4():
-    """A 4-layer tiny model (d_model 64): observed layers other than the steered one exist."""
-    return tiny_model(n_layers=4, d_model=64, seed=1)
-
-
-def _exchanges(tok) -> list[Exchange]:
-    eos = tok.eos_token_id
-    return [
-        Exchange(tuple(encode_chat(tok, "Hi")), (50, 60, eos)),  # finished: its end token is left out
-        Exchange(tuple(encode_chat(tok, "Tell me a long story about the sea")), (80, 90, 95)),  # truncated
-        Exchange(tuple(encode_chat(tok, "Why?")), (eos,)),  # an empty answer keeps its one token
-    ]
 
 
 # ---------------------------------------------------------------- configuration
@@ -97,78 +80,11 @@ def test_an_observed_layer_the_model_lacks_fails_before_any_work(tiny):
         sims_from_config(config, model=model, tokenizer=tok)
 
 
-def test_capture_stops_after_the_deepest_layer_it_needs(tiny4):
-    """Layers above the captured ones and the unembedding never run (the capture's speed-up)."""
-    model, tok = tiny4
-    fired: list[str] = []
-    sites = ["blocks.1.hook_resid_post", "blocks.2.hook_resid_pre", "blocks.3.hook_resid_post", "unembed.hook_out"]
-    with model.hooks(fwd_hooks=[(name, lambda act, hook, name=name: fired.append(name)) for name in sites]):
-        captured = capture_activations(
-            model, _exchanges(tok), ["blocks.1.hook_resid_post"], tok.pad_token_id, end_ids=end_token_ids(tok)
-        )
-    assert set(fired) == {"blocks.1.hook_resid_post"}
-    full = capture_tokens(
-        model, _exchanges(tok), ["blocks.1.hook_resid_post"], tok.pad_token_id, end_ids=end_token_ids(tok)
-    )
-    assert all(torch.equal(a, b) for a, b in zip(captured.tokens, full, strict=True))
-
-
-def test_capture_runs_through_the_plain_twin(tiny4):
-    """The capture forwards run on the bridge's plain twin (no per-layer bridge wrapping), one per batch."""
-    model, tok = tiny4
-    twin = plain_twin(model)
-    assert twin is not None
-    calls: list[int] = []
-    handle = twin.module.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1), with_kwargs=True)
-    try:
-        capture_activations(
-            model, _exchanges(tok), ["blocks.1.hook_resid_post"], tok.pad_token_id, batch_size=2, mean_hooks=EVERY
-        )
-    finally:
-        handle.remove()
-    assert calls == [1, 1]
-
-
 def test_the_observed_hooks_are_the_observe_layers_at_the_configured_hook(tiny):
     assert tiny_sims(tiny).observed_hooks == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
     assert tiny_sims(tiny, observe=[1]).observed_hooks == ["blocks.1.hook_resid_post"]
     assert tiny_sims(tiny, observe=[1], hook="hook_mlp_out").observed_hooks == ["blocks.1.hook_mlp_out"]
     assert tiny_sims(tiny, observe="none").observed_hooks == []
-
-
-# ---------------------------------------------------------------- capture: one pass, means only
-
-
-def test_observed_means_are_the_per_token_capture_averaged_in_the_same_pass(tiny4, monkeypatch):
-    model, tok = tiny4
-    ends, pad = end_token_ids(tok), tok.pad_token_id
-    exchanges = _exchanges(tok)
-    steered = ["blocks.2.hook_resid_post"]
-    forwards: list[int] = []
-    with model.hooks(fwd_hooks=[("hook_embed", lambda act, hook: forwards.append(act.shape[0]))]):
-        captured = capture_activations(model, exchanges, steered, pad, batch_size=2, end_ids=ends, mean_hooks=EVERY)
-    assert forwards == [2, 1]  # one forward pass per batch serves the steered and every observed layer
-
-    assert captured.means.shape == (3, 4, 64) and captured.means.dtype == torch.float32
-    per_token = capture_tokens(model, exchanges, EVERY, pad, batch_size=2, end_ids=ends)
-    assert [len(t) for t in per_token] == [2, 3, 1]  # the same spans: end tokens out, an empty answer kept
-    torch.testing.assert_close(captured.means, reduce_tokens(per_token, "mean"), atol=1e-5, rtol=1e-5)
-
-    # the steered hook: the learner's tokens are unchanged by observing, and its mean is theirs (captured once)
-    alone = capture_tokens(model, exchanges, steered, pad, batch_size=2, end_ids=ends)
-    assert [tuple(t.shape) for t in captured.tokens] == [(2, 1, 64), (3, 1, 64), (1, 1, 64)]
-    assert all(torch.equal(a, b) for a, b in zip(captured.tokens, alone, strict=True))
-    assert torch.equal(captured.means[:, 2], reduce_tokens(captured.tokens, "mean")[:, 0])
-
-    # observing without steered hooks keeps no tokens; another batch size only changes the padding
-    only = capture_activations(model, exchanges, [], pad, batch_size=3, end_ids=ends, mean_hooks=EVERY)
-    assert [tuple(t.shape) for t in only.tokens] == [(2, 0, 64), (3, 0, 64), (1, 0, 64)]
-    torch.testing.assert_close(only.means, captured.means, atol=1e-4, rtol=1e-4)
-
-    nothing = capture_activations(model, exchanges, steered, pad, end_ids=ends)
-    assert nothing.means.shape == (3, 0, 64)
-    with pytest.raises(ValueError, match="at least one hook point"):
-        capture_activations(model, exchanges, [], pad)
 
 
 # ---------------------------------------------------------------- the loop and the run folder

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from sims_lens import generation
-from sims_lens.capture import capture_tokens, captured_length, padded_forward_kwargs, reduce_tokens
-from sims_lens.chat import Exchange, encode_chat, end_token_ids, left_pad, split_generated
+from sims_lens.chat import Exchange, encode_chat, end_token_ids, split_generated
 from sims_lens.evaluation import Evaluation, response_nll
 from sims_lens.generation import GenerationSettings, generate_ids
 
@@ -116,54 +115,6 @@ def test_generation_stops_at_either_end_token(tiny, monkeypatch, which, use_kv_c
     assert first == alone
     assert len(second.response_ids) == 6 and not set(second.response_ids) & set(ends)  # the other row goes on
     assert len(calls) == 6
-
-
-# ---------------------------------------------------------------- capture leaves the end token out
-
-
-def test_captured_length_drops_only_trailing_end_tokens():
-    assert captured_length((5, 6, 2), [2]) == 2
-    assert captured_length((5, 6, 7), [2]) == 3  # truncated: nothing to drop
-    assert captured_length((5, 2, 7), [2]) == 3  # an end token inside is content
-    assert captured_length((5, 7, 2), [2, 7]) == 1
-    assert captured_length((2,), [2]) == 1  # an empty answer keeps its one token
-    assert captured_length((2, 7), [2, 7]) == 1
-    assert captured_length((5, 6, 2), []) == 3  # no end ids: everything, as before
-
-
-def test_capture_excludes_the_end_token(tiny):
-    model, tok = tiny
-    eos = tok.eos_token_id
-    ends = end_token_ids(tok)
-    exchanges = [
-        Exchange(tuple(encode_chat(tok, "Hi")), (50, 60, eos)),  # finished
-        Exchange(tuple(encode_chat(tok, "Tell me a long story about the sea")), (80, 90, 95)),  # truncated
-        Exchange(tuple(encode_chat(tok, "Why?")), (eos,)),  # an empty answer
-    ]
-    captured = capture_tokens(model, exchanges, HOOKS, tok.pad_token_id, batch_size=3, end_ids=ends)
-    everything = capture_tokens(model, exchanges, HOOKS, tok.pad_token_id, batch_size=3)
-    assert [len(t) for t in captured] == [2, 3, 1]
-    assert [len(t) for t in everything] == [3, 3, 1]
-
-    ids, mask = left_pad([ex.ids for ex in exchanges], tok.pad_token_id)
-    with torch.no_grad():
-        _, cache = model.run_with_cache(ids, **padded_forward_kwargs(mask))
-    width = ids.shape[1]
-    expected = torch.stack([cache[h] for h in HOOKS], dim=2)
-    # the finished response: its content tokens only
-    torch.testing.assert_close(captured[0], expected[0, width - 3 : width - 1], atol=1e-5, rtol=1e-5)
-    # the truncated response: unchanged
-    torch.testing.assert_close(captured[1], everything[1])
-    torch.testing.assert_close(captured[1], expected[1, width - 3 :], atol=1e-5, rtol=1e-5)
-    # the empty answer keeps its one token
-    torch.testing.assert_close(captured[2], expected[2, width - 1 :], atol=1e-5, rtol=1e-5)
-    # the last reduction reads the last content token of a finished response, not its end token
-    last = reduce_tokens(captured, "last")
-    torch.testing.assert_close(last[0], expected[0, width - 2], atol=1e-5, rtol=1e-5)
-
-    # the content tokens' activations are those of the response without its end token (causal attention)
-    [content] = capture_tokens(model, [Exchange(exchanges[0].prompt_ids, (50, 60))], HOOKS, tok.pad_token_id)
-    torch.testing.assert_close(captured[0], content, atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------- token-weighted perplexity
