@@ -155,7 +155,7 @@ def ablate_run(
     steering = folder.load_steering(iteration, "policy", model)
     assert steering is not None
     prompts, oracle, settings = _run_setup(
-        config, model, tokenizer, heldout_size or config.heldout_size, max_new_tokens, oracle
+        folder, config, model, tokenizer, heldout_size or config.heldout_size, max_new_tokens, oracle
     )
     return ablate(
         model,
@@ -304,17 +304,17 @@ def layer_sweep(
     wanted = None if layers is None else {int(layer) for layer in layers}
     vectors = candidates(observed)
     directions = {
-        hook: vectors[i] for i, hook in enumerate(observed.hooks) if wanted is None or layer_of(hook) in wanted
+        hook: vectors[i] for i, hook in enumerate(observed.observed_hooks) if wanted is None or layer_of(hook) in wanted
     }
     if not directions:
-        raise ValueError(f"none of layers {sorted(wanted or [])} was observed; observed: {observed.layers}")
+        raise ValueError(f"none of layers {sorted(wanted or [])} was observed; observed: {observed.observed_layers}")
     if norm is None:
         policy = folder.load_steering(iteration, "policy")
         norms = list(policy.norms().values()) if policy is not None else []
         if not norms:
             raise ValueError(f"{folder.path} has no policy for iteration {iteration}; pass norm=")
         norm = sum(norms) / len(norms)
-    run_prompts, oracle, settings = _run_setup(config, model, tokenizer, heldout_size, max_new_tokens, oracle)
+    run_prompts, oracle, settings = _run_setup(folder, config, model, tokenizer, heldout_size, max_new_tokens, oracle)
     prompts = run_prompts if prompts is None else prompts
     return sweep_layers(
         model,
@@ -337,7 +337,7 @@ def _sweep_separability(folder: RunFolder, observed: Any, iteration: int, seed: 
     rows = folder.read_analysis_metrics()
     rows = rows[(rows["iteration"] == iteration) & rows["metric"].isin(SEPARABILITY_METRICS) & rows["layer"].notna()]
     table = rows.pivot_table(index="layer", columns="metric", values="value", aggfunc="last", dropna=False)
-    layers = {float(layer) for layer in observed.layers if layer is not None}
+    layers = {float(layer) for layer in observed.observed_layers if layer is not None}
     if set(SEPARABILITY_METRICS) <= set(table.columns) and layers <= set(table.index):
         return table.reset_index()[["layer", *SEPARABILITY_METRICS]]
     return separability_frame(observed, seed)
@@ -354,14 +354,18 @@ def _name(hook: str) -> str:
 
 
 def _run_setup(
-    config: Any, model: Any, tokenizer: Any, heldout_size: int, max_new_tokens: int | None, oracle: Any
+    folder: RunFolder,
+    config: Any,
+    model: Any,
+    tokenizer: Any,
+    heldout_size: int,
+    max_new_tokens: int | None,
+    oracle: Any,
 ) -> tuple[list[Prompt], Any, GenerationSettings]:
     """A run's first ``heldout_size`` held-out prompts, its oracle (unless given) and its sampling settings."""
     from sims_lens.oracles import make_oracle
-    from sims_lens.prompts import load_prompts
 
-    source = config.heldout_prompts
-    prompts = load_prompts(source, "heldout" if source == "builtin" else None)[:heldout_size]
+    prompts = folder.load_prompts("heldout_prompts", config)[:heldout_size]
     if oracle is None:
         oracle = make_oracle(config.oracle, config.oracle_settings(), model=model, tokenizer=tokenizer)
     settings = GenerationSettings(

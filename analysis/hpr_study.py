@@ -92,7 +92,6 @@ def study(
 ) -> pd.DataFrame:
     from sims_lens.generation import GenerationSettings
     from sims_lens.oracles import make_oracle
-    from sims_lens.prompts import load_prompts
 
     folder = RunFolder(run_dir)
     config = folder.read_config()
@@ -101,9 +100,7 @@ def study(
     if not later:
         raise ValueError(f"{folder.path} has only one iteration; held-out pairs come from iterations 2 and later")
     oracle = make_oracle(config.oracle, config.oracle_settings(), model=model, tokenizer=tokenizer)
-    heldout = load_prompts(config.heldout_prompts, "heldout" if config.heldout_prompts == "builtin" else None)[
-        :heldout_size
-    ]
+    heldout = folder.load_prompts("heldout_prompts", config)[:heldout_size]
     generation = GenerationSettings(config.max_new_tokens, config.temperature, config.top_p, config.batch_size)
 
     def run_eval(policy: SteeringSet | None) -> Any:

@@ -20,12 +20,10 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.pages import write_index
 from analysis.geometry import geometry_rows
 from analysis.logit_lens import LENS_K, lens_rows, read_lens, replace_lens
 from analysis.observed import (
     SEPARABILITY_METRICS,
-    Observed,
     ObservedSummary,
     load_observed,
     load_summaries,
@@ -33,7 +31,9 @@ from analysis.observed import (
     observed_rows,
     summarize,
 )
+from analysis.pages import write_index
 from analysis.run_data import load_run
+from sims_lens.activations import PairActivations
 from sims_lens.metrics import tidy_metrics
 from sims_lens.run_folder import RunFolder
 from sims_lens.steering.functions import SteeringSet
@@ -108,7 +108,7 @@ class LiveAnalysis:
         measured: set[int | None] = set()
         if observed is not None:
             rows += self._observed_rows(observed, result.policy)
-            measured = set(observed.layers)
+            measured = set(observed.observed_layers)
         # steered layers the loop did not observe (observe = "none", a partial list, older loops): it
         # measured their separability itself (same function, inputs, prompt groups and seed), so reuse its rows
         for row in result.metrics:
@@ -116,7 +116,7 @@ class LiveAnalysis:
                 rows.append({**row, "iteration": t, "split": "analysis"})
         return rows
 
-    def _observed_rows(self, observed: Observed, policy: SteeringSet | None) -> list[dict[str, Any]]:
+    def _observed_rows(self, observed: PairActivations, policy: SteeringSet | None) -> list[dict[str, Any]]:
         t = observed.iteration
         summary = summarize(observed)
         self.observed[t] = summary

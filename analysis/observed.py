@@ -2,9 +2,10 @@
 
 The loop observes the base model's activations of D+ and D- at every layer it is asked to
 observe (by default all of them at the configured hook), not only the steered ones:
-``IterationResult.observed_positives`` / ``observed_negatives`` ``[n_pairs, n_observed, d_model]``
-(per pair, the mean response-token activation of y+ / y-), ``observed_hooks`` and ``groups`` (the
-prompt of each pair); a run folder keeps them (``RunFolder.load_observed``). From them, per
+:class:`~sims_lens.activations.PairActivations` ``observed_positives`` / ``observed_negatives``
+``[n_pairs, n_observed, d_model]`` (per pair, the mean response-token activation of y+ / y-),
+``observed_hooks`` and ``prompt_ids``: ``IterationResult.activations`` in the loop, and what a run
+folder keeps (``RunFolder.load_observed``). From them, per
 observed layer l:
 
 - the **candidate** direction ``c_l = mean(H+_l) - mean(H-_l)`` (what ``mean_diff`` would fit there),
@@ -22,11 +23,9 @@ coordinates, small) so the activations themselves need not stay in memory.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import torch
@@ -34,9 +33,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from analysis.geometry import cosine, cosine_matrix
+from sims_lens.activations import PairActivations
+from sims_lens.iteration import IterationResult
 from sims_lens.metrics import MetricRow, metric_row
 from sims_lens.run_folder import RunFolder
-from sims_lens.separability import Separability, separability
+from sims_lens.separability import Separability, separability_by_hook
 from sims_lens.steering.functions import SteeringSet, layer_of
 
 OBSERVED_METRICS = [
@@ -52,38 +53,6 @@ OBSERVED_METRICS = [
 
 SEPARABILITY_METRICS = ["probe_accuracy", "probe_accuracy_null", "fisher_ratio"]
 PROJECTION_COLUMNS = ["iteration", "hook", "layer", "side", "pair", "group", "x", "y"]
-
-
-@dataclass(frozen=True)
-class Observed:
-    """One iteration's observed activations: ``positives``/``negatives`` ``[n_pairs, n_observed, d_model]``."""
-
-    iteration: int
-    hooks: list[str]
-    positives: Tensor
-    negatives: Tensor
-    groups: list[Hashable]
-    """``groups[i]``: the prompt of pair ``i`` (cross-validation folds never split a prompt)."""
-
-    def __post_init__(self) -> None:
-        pos, neg = self.positives, self.negatives
-        if pos.ndim != 3 or pos.shape != neg.shape:
-            raise ValueError(
-                f"observed activations must be paired [n_pairs, n_observed, d_model] alike, got "
-                f"{tuple(pos.shape)} and {tuple(neg.shape)}"
-            )
-        if pos.shape[1] != len(self.hooks):
-            raise ValueError(f"{pos.shape[1]} observed layers of activations but {len(self.hooks)} hook names")
-        if len(self.groups) != pos.shape[0]:
-            raise ValueError(f"{len(self.groups)} prompt ids (groups) for {pos.shape[0]} pairs")
-
-    @property
-    def n_pairs(self) -> int:
-        return int(self.positives.shape[0])
-
-    @property
-    def layers(self) -> list[int | None]:
-        return [layer_of(h) for h in self.hooks]
 
 
 @dataclass
@@ -104,50 +73,19 @@ class ObservedSummary:
 # -- reading -----------------------------------------------------------------------------------
 
 
-def as_observed(source: Any) -> Observed:
-    """An :class:`Observed` from what ``RunFolder.load_observed`` returns (``.iteration, .hooks,
-    .positives, .negatives, .groups``)."""
-    if isinstance(source, Observed):
-        return source
-    return Observed(
-        int(source.iteration),
-        list(source.hooks),
-        _float(source.positives),
-        _float(source.negatives),
-        list(source.groups),
-    )
-
-
-def observed_of(result: Any) -> Observed | None:
-    """The observed activations of a loop ``IterationResult`` (None for a loop that observes nothing).
-
-    Reads ``observed_hooks``, ``observed_positives``, ``observed_negatives`` and ``groups``; where a
-    result has no ``groups``, the prompt of each selected pair stands in.
-    """
-    hooks = getattr(result, "observed_hooks", None)
-    pos = getattr(result, "observed_positives", None)
-    neg = getattr(result, "observed_negatives", None)
-    if not hooks or pos is None or neg is None:
-        return None
-    groups = getattr(result, "groups", None)
-    if groups is None:
-        groups = [pair.positive.prompt_id for pair in result.selection.pairs]
-    return Observed(int(result.iteration), list(hooks), _float(pos), _float(neg), list(groups))
+def observed_of(result: IterationResult) -> PairActivations | None:
+    """The observed activations of a loop iteration (None for a loop that observes nothing)."""
+    return result.activations if result.activations.observed_hooks else None
 
 
 def observed_iterations(run_dir: str | Path) -> list[int]:
     """The finished iterations of a run folder that kept their observed activations ([] for older runs)."""
-    folder = RunFolder(run_dir)
-    method = getattr(folder, "observed_iterations", None)
-    return sorted(int(t) for t in method()) if method is not None else []
+    return RunFolder(run_dir).observed_iterations()
 
 
-def load_observed(run_dir: str | Path, iteration: int) -> Observed | None:
+def load_observed(run_dir: str | Path, iteration: int) -> PairActivations | None:
     """One iteration's observed activations from a run folder (None if it kept none)."""
-    folder = RunFolder(run_dir)
-    method = getattr(folder, "load_observed", None)
-    loaded = method(iteration) if method is not None else None
-    return as_observed(loaded) if loaded is not None else None
+    return RunFolder(run_dir).load_observed(iteration)
 
 
 def load_summaries(
@@ -169,9 +107,9 @@ def load_summaries(
 # -- per layer ---------------------------------------------------------------------------------
 
 
-def candidates(observed: Observed) -> Float[Tensor, "n_observed d_model"]:
+def candidates(observed: PairActivations) -> Float[Tensor, "n_observed d_model"]:
     """``mean(H+_l) - mean(H-_l)`` of every observed layer (float64 means, float32 result)."""
-    return (observed.positives.double().mean(0) - observed.negatives.double().mean(0)).float()
+    return (observed.observed_positives.double().mean(0) - observed.observed_negatives.double().mean(0)).float()
 
 
 def plane(pos: Float[Tensor, "n d"], neg: Float[Tensor, "n d"]) -> tuple[Float[Tensor, " n2"], Float[Tensor, " n2"]]:
@@ -199,15 +137,15 @@ def plane(pos: Float[Tensor, "n d"], neg: Float[Tensor, "n d"]) -> tuple[Float[T
     return along.float(), across.float()
 
 
-def projection(observed: Observed) -> pd.DataFrame:
+def projection(observed: PairActivations) -> pd.DataFrame:
     """:func:`plane` of every observed layer, tidy: ``iteration, hook, layer, side (H+ / H-), pair, group, x, y``."""
     n = observed.n_pairs
     frames = []
     sides = ["H+"] * n + ["H-"] * n
     pairs = list(range(n)) * 2
-    groups = [str(g) for g in observed.groups] * 2
-    for i, hook in enumerate(observed.hooks):
-        x, y = plane(observed.positives[:, i], observed.negatives[:, i])
+    groups = [str(g) for g in observed.prompt_ids] * 2
+    for i, hook in enumerate(observed.observed_hooks):
+        x, y = plane(observed.observed_positives[:, i], observed.observed_negatives[:, i])
         frames.append(
             pd.DataFrame(
                 {
@@ -227,10 +165,10 @@ def projection(observed: Observed) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def summarize(observed: Observed) -> ObservedSummary:
+def summarize(observed: PairActivations) -> ObservedSummary:
     """The candidates and the 2-D coordinates of one iteration (what the figures need)."""
     return ObservedSummary(
-        observed.iteration, list(observed.hooks), candidates(observed), projection(observed), observed.n_pairs
+        observed.iteration, list(observed.observed_hooks), candidates(observed), projection(observed), observed.n_pairs
     )
 
 
@@ -242,24 +180,19 @@ def candidate_cosines(summary: ObservedSummary) -> pd.DataFrame:
     return frame
 
 
-def measurable(groups: Sequence[Hashable]) -> bool:
-    """Separability needs pairs from at least 2 prompts (one is held out at a time)."""
-    return len(set(groups)) >= 2
-
-
-def layer_separability(observed: Observed, seed: int = 0) -> dict[str, Separability]:
-    """:func:`sims_lens.separability.separability` of every observed layer (NaN with fewer than 2 prompts)."""
-    nan = Separability(math.nan, math.nan, math.nan)
-    if not measurable(observed.groups):
-        return dict.fromkeys(observed.hooks, nan)
-    return {
-        hook: separability(observed.positives[:, i], observed.negatives[:, i], observed.groups, seed=seed)
-        for i, hook in enumerate(observed.hooks)
-    }
+def layer_separability(observed: PairActivations, seed: int = 0) -> dict[str, Separability]:
+    """:func:`sims_lens.separability.separability_by_hook` of every observed layer."""
+    return separability_by_hook(
+        observed.observed_positives,
+        observed.observed_negatives,
+        observed.observed_hooks,
+        observed.prompt_ids,
+        seed=seed,
+    )
 
 
 def observed_rows(
-    observed: Observed,
+    observed: PairActivations,
     *,
     summary: ObservedSummary | None = None,
     previous: Mapping[str, Tensor] | None = None,
@@ -279,7 +212,7 @@ def observed_rows(
     measured = layer_separability(observed, seed)
     t = observed.iteration
     rows: list[MetricRow] = []
-    for hook in observed.hooks:
+    for hook in observed.observed_hooks:
         layer = layer_of(hook)
         c = own[hook]
         rows.append(metric_row(t, "analysis", "candidate_norm", float(c.norm()), layer))
@@ -297,7 +230,7 @@ def observed_rows(
     return rows
 
 
-def separability_frame(observed: Observed, seed: int = 0) -> pd.DataFrame:
+def separability_frame(observed: PairActivations, seed: int = 0) -> pd.DataFrame:
     """Per observed layer: ``hook, layer, probe_accuracy, probe_accuracy_null, fisher_ratio``."""
     rows = [
         {
@@ -342,10 +275,6 @@ def run_observed_rows(
             seed=seed,
         )
     return rows
-
-
-def _float(x: Any) -> Tensor:
-    return torch.as_tensor(x).detach().float().cpu()
 
 
 def _labels(hooks: Sequence[str]) -> list[int] | list[str]:

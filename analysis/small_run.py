@@ -47,20 +47,19 @@ def ensure_run(
     """``run_dir`` if it has a finished iteration; else run :data:`SMALL_RUN` (+ ``overrides``) into it."""
     from analysis.live import live_callbacks
     from sims_lens.config import load_config
-    from sims_lens.run import RunWriter, restore_state, sims_from_config
-    from sims_lens.run_folder import RunFolder, open_run
+    from sims_lens.loop import Sims
+    from sims_lens.run_folder import RunFolder
 
     folder = RunFolder(run_dir)
     if folder.completed_iterations >= 1:
         return folder.path
     resume = folder.has_config()
-    config = None if resume else load_config(None, [*SMALL_RUN, *(SMOKE_RUN if smoke else []), *overrides])
-    with folder.lock():
-        folder, config, _ = open_run(folder.path, config, resume=resume)
-        print(f"making a small run in {folder.path} ({config.iterations} iterations, layers {config.layers}) ...")
-        sims = sims_from_config(config, progress=progress, model=model, tokenizer=tokenizer)
-        sims.state = restore_state(folder, sims)
-        sims.callbacks = [RunWriter(folder, sims.model), *live_callbacks(folder.path, sims.model, sims.tokenizer)]
-        for result in sims.iterate():
-            print(f"  iteration {result.iteration}: held-out reward {result.heldout.reward_mean:.3f}")
+    config = (
+        folder.read_config() if resume else load_config(None, [*SMALL_RUN, *(SMOKE_RUN if smoke else []), *overrides])
+    )
+    sims = Sims.from_config(config, model=model, tokenizer=tokenizer, progress=progress, out=folder.path, resume=resume)
+    sims.callbacks += live_callbacks(folder.path, sims.model, sims.tokenizer)
+    print(f"making a small run in {folder.path} ({sims.config.iterations} iterations, layers {sims.config.layers}) ...")
+    for result in sims.iterate():
+        print(f"  iteration {result.iteration}: held-out reward {result.heldout.reward_mean:.3f}")
     return folder.path

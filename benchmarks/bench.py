@@ -43,9 +43,9 @@ from sims_lens.capture import capture_activations, padded_batches
 from sims_lens.chat import Exchange, encode_chat, end_token_ids, left_pad, split_generated
 from sims_lens.config import SimsConfig
 from sims_lens.generation import GenerationSettings, generate_ids
+from sims_lens.loop import sims_from_config
 from sims_lens.models import load_hf, load_model, resolve_device, resolve_dtype, resolve_source
 from sims_lens.prompts import load_prompts
-from sims_lens.run import sims_from_config
 from sims_lens.steering.functions import SteeringFunction, SteeringSet
 from sims_lens.steering.hooks import apply_steering
 

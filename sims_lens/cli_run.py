@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from sims_lens.config import SimsConfig, load_config
+
+MODEL_HELP = "the embedded default, a Hugging Face hub name, a local HF folder or a .gguf file (the key model)"
 
 DEMO_OVERRIDES = [
     "iterations=3",
@@ -89,6 +92,8 @@ def run_command(args: argparse.Namespace, overrides: list[str] | None = None) ->
     sets = (overrides or []) + (args.set or [])
     if getattr(args, "device", None) is not None:
         sets.append(f'device="{args.device}"')
+    if getattr(args, "model", None) is not None:
+        sets.append(f"model={json.dumps(args.model)}")
     seeds = parse_seeds(getattr(args, "seeds", None))
     if not seeds:
         return _run_one(Path(args.out), args, sets)[0]
@@ -122,9 +127,8 @@ def _run_one(
     out: Path, args: argparse.Namespace, sets: list[str], loaded: tuple[Any, Any] | None = None
 ) -> tuple[int, tuple[Any, Any]]:
     """One run into ``out``; returns the exit status and the (model, tokenizer) it used."""
-    from sims_lens.loop import NotSeparableError, PolicyRejectedError
-    from sims_lens.run import RunWriter, restore_state, sims_from_config
-    from sims_lens.run_folder import RunFolder, check_new_folder, open_run
+    from sims_lens.loop import NotSeparableError, PolicyRejectedError, Sims
+    from sims_lens.run_folder import RunFolder, open_run
 
     folder = RunFolder(out)
     resume = bool(args.resume) or (getattr(args, "auto_resume", False) and folder.state_path.is_file())
@@ -133,47 +137,47 @@ def _run_one(
         config = load_config(folder.config_path, sets)  # resume: the run's own config, with any --set applied
     else:
         config = load_config(args.config, sets) if (args.config is not None or sets) else None
-    if not resume:
-        check_new_folder(folder.path)
-    elif not folder.has_config():
+    if resume and not folder.has_config():
         open_run(folder.path, config, resume=True)  # raises the clear "no config.toml" error
-    folder.refuse_if_locked()  # before the model loads; lock() below checks again
-    # build everything the config names (model, prompts, oracle, learner, layers) before touching the folder
+    if not resume:
+        from sims_lens.run_folder import check_new_folder
+
+        check_new_folder(folder.path)  # before the model loads; Sims checks again
+    folder.refuse_if_locked()
     model, tokenizer = loaded if loaded is not None else (None, None)
-    sims = sims_from_config(config or SimsConfig(), progress=not args.no_progress, model=model, tokenizer=tokenizer)
+    sims = Sims.from_config(
+        config or SimsConfig(), model=model, tokenizer=tokenizer, progress=not args.no_progress, out=out, resume=resume
+    )
     used = (sims.model, sims.tokenizer)
-    with folder.lock():
-        folder, config, done = open_run(folder.path, sims.config, resume)
-        sims.config = config
-        if done >= config.iterations:
-            print(f"{out} already finished {done} of {config.iterations} iterations; nothing to do")
-            return 0, used
-        sims.state = restore_state(folder, sims)
-        sims.callbacks = [
-            RunWriter(folder, sims.model),
-            TablePrinter(config.oracle, config.reference_oracle),
-            *_analysis_callbacks(folder.path, sims.model, sims.tokenizer),
-        ]
+    done = folder.completed_iterations if resume and folder.state_path.is_file() else 0
+    if done >= sims.config.iterations:
+        print(f"{out} already finished {done} of {sims.config.iterations} iterations; nothing to do")
+        return 0, used
+    config = sims.config
+    sims.callbacks += [
+        TablePrinter(config.oracle, config.reference_oracle),
+        *_analysis_callbacks(folder.path, sims.model, sims.tokenizer),
+    ]
+    print(
+        f"run folder {folder.path} ({'resuming after iteration ' + str(done) if done else 'new'}); "
+        f"model {config.model}, learner {config.learner}, layers {config.layers}, update {config.update}"
+    )
+    try:
+        for _ in sims.iterate():
+            pass
+    except NotSeparableError as err:
         print(
-            f"run folder {folder.path} ({'resuming after iteration ' + str(done) if done else 'new'}); "
-            f"model {config.model}, learner {config.learner}, layers {config.layers}, update {config.update}"
+            f"error: {err}. Finished iterations are kept in {folder.path}; for other settings start a new --out.",
+            file=sys.stderr,
         )
-        try:
-            for _ in sims.iterate():
-                pass
-        except NotSeparableError as err:
-            print(
-                f"error: {err}. Finished iterations are kept in {folder.path}; for other settings start a new --out.",
-                file=sys.stderr,
-            )
-            return 2, used
-        except PolicyRejectedError as err:
-            print(
-                f'error: {err}; the run stops here (on_rejected = "stop"). Every iteration is kept in {folder.path} '
-                "(--resume goes on from the kept policy).",
-                file=sys.stderr,
-            )
-            return 2, used
+        return 2, used
+    except PolicyRejectedError as err:
+        print(
+            f'error: {err}; the run stops here (on_rejected = "stop"). Every iteration is kept in {folder.path} '
+            "(--resume goes on from the kept policy).",
+            file=sys.stderr,
+        )
+        return 2, used
     print(f"done: {folder.path} (metrics, samples, steering per iteration, config; figures/index.html)")
     return 0, used
 
@@ -193,7 +197,7 @@ def eval_command(args: argparse.Namespace) -> int:
         raise ValueError(f"--samples {settings.samples}: use an integer >= 1")
     start = time.perf_counter()
     model, tokenizer = load_model(
-        config.model, dtype=config.dtype, device=args.device if args.device is not None else config.device
+        args.model or config.model, dtype=config.dtype, device=args.device if args.device is not None else config.device
     )
     frame = evaluate_runs(runs, args.out, model, tokenizer, settings)
     print(f"evaluated {len(runs)} run(s) in {time.perf_counter() - start:.0f} s: {args.out}/eval.csv, samples.jsonl")
@@ -253,6 +257,7 @@ def register(sub: Any) -> None:
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--seeds", default=None, help="several runs, one per seed, in OUT/seed_S (e.g. 0,1,2,3,4 or 0-4)")
     run.add_argument("--device", default=None, help="auto (CUDA when available; the default), cpu, cuda, cuda:N, mps")
+    run.add_argument("--model", default=None, help=MODEL_HELP)
     run.set_defaults(func=run_command)
 
     ev = sub.add_parser("eval", help="every iteration's policy of the runs given against baselines, with intervals")
@@ -265,7 +270,21 @@ def register(sub: Any) -> None:
         "--system-prompt", default=None, help="the prompting baseline's system prompt (default: a warm-tone request)"
     )
     ev.add_argument("--device", default=None, help="auto (CUDA when available; the default), cpu, cuda, cuda:N, mps")
+    ev.add_argument("--model", default=None, help="the model the runs' policies steer (default: the runs' own)")
     ev.set_defaults(func=eval_command)
+
+    fit = sub.add_parser("fit", help="a steering file from your own (prompt, chosen, rejected) pairs")
+    fit.add_argument("--pairs", required=True, help="a .jsonl/.csv file (fields prompt, chosen, rejected) or hf:NAME")
+    fit.add_argument("--out", required=True, help="the steering file to write (.safetensors)")
+    fit.add_argument("--model", default=None, help=MODEL_HELP)
+    fit.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, else float32), float32, bfloat16")
+    fit.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N, mps")
+    fit.add_argument("--learner", default="mean_diff", help="mean_diff, pca, probe, ablate_add or hpr")
+    fit.add_argument("--layers", default=None, help="layers to steer: 15, 3,15 or all (default: the middle layer)")
+    fit.add_argument("--hook", default="hook_resid_post", help="the hook point of each layer")
+    fit.add_argument("--reduction", default="mean", choices=["mean", "last"], help="response tokens: mean or last")
+    fit.add_argument("--multiplier", type=float, default=1.0)
+    fit.set_defaults(func=fit_command)
 
     report = sub.add_parser("report", help="rebuild a run folder's figures and index.html; print its held-out table")
     report.add_argument("run_dir", help="a run folder (finished or partial)")
@@ -277,7 +296,41 @@ def register(sub: Any) -> None:
     demo.add_argument("--no-progress", action="store_true")
     demo.add_argument("--seeds", default=None, help="several demo runs, one per seed, in OUT/seed_S")
     demo.add_argument("--device", default=None, help="auto (CUDA when available; the default), cpu, cuda, cuda:N, mps")
+    demo.add_argument("--model", default=None, help=MODEL_HELP)
     demo.set_defaults(func=demo_command)
+
+
+def fit_command(args: argparse.Namespace) -> int:
+    """``sims-lens fit``: a steering file from your own (prompt, chosen, rejected) pairs."""
+    from sims_lens.config import parse_layers
+    from sims_lens.fitting import fit_pairs
+    from sims_lens.models import load_model
+    from sims_lens.pairs import load_pairs
+    from sims_lens.steering.io import save_steering
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: name a .safetensors file (a .json copy of its metadata is written beside it)")
+    if out.exists():
+        raise ValueError(f"--out {out} already exists; choose a new file name (nothing is overwritten)")
+    pairs = load_pairs(args.pairs)  # a malformed file fails before the model loads
+    layers = parse_layers(args.layers) if args.layers is not None else None
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    steering = fit_pairs(
+        model,
+        tokenizer,
+        pairs,
+        learner=args.learner,
+        layers=layers,
+        hook=args.hook,
+        reduction=args.reduction,
+        multiplier=args.multiplier,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_steering(steering, out, model)
+    norms = ", ".join(f"{hook} {norm:.2f}" for hook, norm in steering.norms().items())
+    print(f"fitted {args.learner} on {len(pairs)} pairs: {out} (norms: {norms})")
+    return 0
 
 
 def report_command(args: argparse.Namespace) -> int:

@@ -92,6 +92,9 @@ class SimsConfig:
     """The guard rail: a policy whose held-out perplexity under the base model exceeds this multiple
     of the base model's own is rejected (the previous policy is kept and the metrics flag it);
     0 turns the guard off."""
+    init: str = ""
+    """A ``.safetensors`` steering file the policy starts from (iteration 1 samples with it); "" starts
+    from the base model pi_0. Held-out rewards are still compared with the unsteered base model."""
     on_rejected: str = "keep"
     """After a rejected policy: "keep" goes on from the previous policy, "stop" ends the run there."""
     eval_samples_per_prompt: int = 2

@@ -13,10 +13,11 @@ that has entered the policy once is never chosen again.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from sims_lens.chat import Exchange
+from sims_lens.chat import Exchange, encode_chat
 
 
 @dataclass
@@ -51,6 +52,22 @@ class Sample:
             **({} if self.reference_reward is None else {"reference_reward": self.reference_reward}),
             "response_ids": list(self.exchange.response_ids),
         }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], tokenizer: Any) -> Sample:
+        """A sample read back from ``samples.jsonl`` (its prompt chat-encoded again, its response ids as stored)."""
+        exchange = Exchange(tuple(encode_chat(tokenizer, record["prompt"])), tuple(record["response_ids"]))
+        return cls(
+            int(record["iteration"]),
+            str(record["prompt_id"]),
+            record["prompt"],
+            record["response"],
+            exchange,
+            float(record["reward"]),
+            record.get("label", ""),
+            record.get("reference_reward"),
+            int(record.get("index", 0)),
+        )
 
 
 SampleKey = tuple[int, str, int]

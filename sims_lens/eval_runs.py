@@ -33,19 +33,19 @@ import pandas as pd
 from sims_lens.answer_cache import generate_cached
 from sims_lens.chat import Exchange, encode_chat, end_token_ids
 from sims_lens.config import SimsConfig
-from sims_lens.contrast import Pair, Sample, Selection
+from sims_lens.contrast import Pair, Sample
 from sims_lens.evaluation import response_nll
+from sims_lens.fitting import capture_pairs, fit_steering
 from sims_lens.generation import GenerationSettings, decode_response
 from sims_lens.groups import chunked
-from sims_lens.loop import Batch
 from sims_lens.oracles import is_relative, make_oracle
 from sims_lens.prompts import Prompt, load_prompts
-from sims_lens.run import sims_from_config
 from sims_lens.run_folder import RunFolder
 from sims_lens.seeds import derive_seed
 from sims_lens.stats import Estimate, bootstrap_ratio, distinct_n, paired_difference, win_outcomes
 from sims_lens.steering.functions import SteeringSet
 from sims_lens.steering.hooks import apply_steering
+from sims_lens.steering.learners import make_learner
 
 EVAL_COLUMNS = ["policy", "run", "seed", "metric", "value", "ci_low", "ci_high"]
 BASELINES = ("prompting", "best_of_k", "static_first", "static_all")
@@ -97,7 +97,7 @@ def evaluate_runs(
     configs = [_check_run(folder) for folder in folders]
     _check_comparable(folders, configs)
     first = configs[0]
-    prompts = _prompts(first, settings)
+    prompts = load_prompts(settings.prompts) if settings.prompts is not None else folders[0].heldout_prompts(first)
     if oracle is None:
         oracle = make_oracle(first.oracle, first.oracle_settings(), model=model, tokenizer=tokenizer)
     reference_name = settings.reference_oracle if settings.reference_oracle is not None else first.reference_oracle
@@ -210,17 +210,28 @@ def _fit_on_all_pairs(folder: RunFolder, config: SimsConfig, model: Any, tokeniz
     by_key = {(r["iteration"], r["prompt_id"], int(r.get("index", 0))): r for r in folder.read_samples()}
 
     def sample(pid: str, side: dict[str, Any]) -> Sample:
-        record = by_key[(int(side["iteration"]), pid, int(side["index"]))]
-        exchange = Exchange(tuple(encode_chat(tokenizer, record["prompt"])), tuple(record["response_ids"]))
-        return Sample(record["iteration"], pid, record["prompt"], record["response"], exchange, float(record["reward"]))
+        return Sample.from_record(by_key[(int(side["iteration"]), pid, int(side["index"]))], tokenizer)
 
     pairs = [Pair(sample(r["prompt_id"], r["positive"]), sample(r["prompt_id"], r["negative"])) for r in records]
-    sims = sims_from_config(config, progress=False, model=model, tokenizer=tokenizer)
     layers = folder.read_state().get("layers") or []
-    hooks = config.hook_names(layers)
-    selection = Selection(pairs, 0, len(pairs))
-    positives, negatives = sims.capture(0, selection, hooks)
-    return sims.fit(0, Batch([], [], selection, hooks, positives, negatives))
+    activations = capture_pairs(
+        model,
+        tokenizer,
+        [p.positive.exchange for p in pairs],
+        [p.negative.exchange for p in pairs],
+        [p.positive.prompt_id for p in pairs],
+        config.hook_names(layers),
+        batch_size=config.batch_size,
+    )
+    learner = make_learner(config.learner, config.learner_settings())
+    return fit_steering(
+        learner,
+        activations,
+        reduction=config.reduction,
+        multiplier=config.multiplier,
+        positions=config.positions,
+        model_name=str(getattr(model.cfg, "model_name", "")),
+    )
 
 
 # -- scoring ------------------------------------------------------------------------------------
@@ -377,10 +388,3 @@ def _check_comparable(folders: Sequence[RunFolder], configs: Sequence[SimsConfig
                 f"{folder.path} differs from {folders[0].path} in {', '.join(changed)}; pool only runs that differ "
                 "in their seed (evaluate the others separately)"
             )
-
-
-def _prompts(config: SimsConfig, settings: EvalSettings) -> list[Prompt]:
-    if settings.prompts is not None:
-        return load_prompts(settings.prompts)
-    source = config.heldout_prompts
-    return load_prompts(source, "heldout" if source == "builtin" else None)[: config.heldout_size]

@@ -7,40 +7,66 @@ per-sample mean activations at every observed layer, for analysis); 6. the learn
 function per layer; 7. the update rule combines it with the previous policy. Then pi_t is
 evaluated on held-out prompts.
 
-:meth:`Sims.iterate` is the one iteration generator (the CLI and notebooks both drive it);
-callbacks receive every phase and every finished iteration (analysis and the run folder plug in
-there; this module never imports either). :class:`LoopState` is all that carries over between
-iterations, and :attr:`Sims.state` is its only owner.
+``Sims(model, tokenizer, oracle=..., learner=..., **settings)`` is the one constructor (the CLI's
+:meth:`Sims.from_config` and notebooks both reach it); :meth:`Sims.iterate` is the one iteration
+generator. Callbacks receive every phase and every finished iteration (analysis plugs in there;
+this module never imports it); ``out=`` adds the run-folder writer. :class:`LoopState` is all that
+carries over between iterations, and :attr:`Sims.state` is its only owner.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from contextlib import AbstractContextManager, ExitStack, nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
-import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
+from sims_lens.activations import PairActivations
 from sims_lens.answer_cache import generate_cached
-from sims_lens.capture import capture_activations, pair_tokens, reduce_tokens
-from sims_lens.chat import Exchange, encode_chat, end_token_ids
+from sims_lens.assemble import (
+    GIVEN,
+    PromptSource,
+    build_config,
+    check_not_marker,
+    check_run,
+    given_marker,
+    oracle_name,
+    resolve_learner,
+    resolve_oracle,
+    resolve_prompts,
+)
+from sims_lens.chat import Exchange, encode_chat
 from sims_lens.config import SimsConfig, resolve_layers, resolve_observe
 from sims_lens.contrast import MemoryBank, Sample, Selection, label_samples, select_pairs
 from sims_lens.evaluation import Evaluation, evaluate, head_to_head, heldout_seed
+from sims_lens.fitting import capture_pairs, fit_steering, learner_positions
 from sims_lens.generation import GenerationSettings, decode_response
 from sims_lens.groups import chunked
+from sims_lens.iteration import Callback, IterationResult, LoopState
 from sims_lens.metrics import MetricRow, batch_rows, heldout_rows, layer_rows, metric_row
 from sims_lens.oracles.base import is_relative, judges_with_policy
 from sims_lens.prompts import Prompt, iteration_prompts
 from sims_lens.seeds import derive_seed
 from sims_lens.separability import probe_accuracy
-from sims_lens.steering.functions import SteeringSet, layer_of
-from sims_lens.steering.hooks import apply_steering
+from sims_lens.steering.functions import SteeringSet
+from sims_lens.steering.hooks import apply_steering, check_hooks
+from sims_lens.steering.io import load_steering
 from sims_lens.steering.learners import Learner
 from sims_lens.update_rules import apply_update
+
+__all__ = [
+    "Callback",
+    "IterationResult",
+    "LoopState",
+    "NotSeparableError",
+    "PolicyRejectedError",
+    "Sims",
+    "sims_from_config",
+]
 
 
 class NotSeparableError(RuntimeError):
@@ -62,45 +88,6 @@ class PolicyRejectedError(RuntimeError):
     """The guard rail rejected a policy and ``on_rejected = "stop"`` ends the run (the iteration is saved)."""
 
 
-class Callback(Protocol):
-    """Receives the loop's progress; both methods are optional to implement meaningfully.
-
-    Phases: ``base`` (payload ``evaluation``, ``fresh``: whether it was computed now, ``metrics``:
-    its held-out rows), ``sample``, ``select``, ``capture`` (``hooks``, ``observed_hooks``), ``fit``.
-    """
-
-    def on_phase(self, iteration: int, phase: str, payload: dict[str, Any]) -> None: ...
-
-    def on_iteration(self, result: IterationResult) -> None: ...
-
-
-@dataclass
-class LoopState:
-    """What carries over from one iteration to the next (and what a resumed run restores)."""
-
-    completed: int = 0
-    policy: SteeringSet | None = None
-    layers: list[int] | None = None
-    bank: MemoryBank | None = None
-    base_heldout: Evaluation | None = None
-
-
-def _nothing_observed() -> Tensor:
-    return torch.zeros(0, 0, 0)
-
-
-@dataclass(frozen=True, eq=False)
-class PairActivations:
-    """Step 5's output: the base model's activations of D+ and D- (pair i: ``positives[i]``, ``negatives[i]``)."""
-
-    positives: list[Tensor]
-    """Per pair, the positive response's token activations at the steered hooks ``[n_tokens, n_hooks, d_model]``."""
-    negatives: list[Tensor]
-    observed_positives: Tensor
-    """Per pair, the positive response's mean activation at every observed hook ``[n_pairs, n_observed, d_model]``."""
-    observed_negatives: Tensor
-
-
 @dataclass
 class Batch:
     """Steps 1-5 of one iteration: the prompts, their scored samples, D+/D- and its activations."""
@@ -108,88 +95,194 @@ class Batch:
     prompts: list[Prompt]
     samples: list[Sample]
     selection: Selection
-    hooks: list[str]
-    positives: list[Tensor]
-    """Per pair, the positive response's token activations ``[n_tokens, n_hooks, d_model]``."""
-    negatives: list[Tensor]
-    observed_hooks: list[str] = field(default_factory=list)
-    """The observed hook points (config ``observe``), whatever the steered ones are."""
-    observed_positives: Tensor = field(default_factory=_nothing_observed)
-    """Per pair, the positive response's mean activation at every observed hook, ``[n_pairs, n_observed, d_model]``."""
-    observed_negatives: Tensor = field(default_factory=_nothing_observed)
-
-    @property
-    def groups(self) -> list[str]:
-        """The prompt id of every pair (the folds of the separability measures are grouped by it)."""
-        return [pair.positive.prompt_id for pair in self.selection.pairs]
-
-    def at_layers(self, keep: list[int], hooks: list[str]) -> Batch:
-        """The same batch with the activations of the hooks at positions ``keep`` only (observed ones stay)."""
-        return replace(
-            self,
-            hooks=hooks,
-            positives=[t[:, keep] for t in self.positives],
-            negatives=[t[:, keep] for t in self.negatives],
-        )
+    activations: PairActivations
 
 
-@dataclass
-class IterationResult:
-    """Everything one iteration produced; analysis callbacks and notebooks consume this."""
-
-    iteration: int
-    policy: SteeringSet
-    fitted: SteeringSet
-    """What this iteration's pairs fitted, before the update rule combined it with the policy."""
-    samples: list[Sample]
-    selection: Selection
-    hooks: list[str]
-    positives: Tensor
-    """Mean response-token activation of every D+ sample, ``[n_pairs, n_hooks, d_model]``."""
-    negatives: Tensor
-    metrics: list[MetricRow]
-    heldout: Evaluation
-    groups: list[str] = field(default_factory=list)
-    """The prompt id of every pair (row i of the activations is ``selection.pairs[i]``)."""
-    observed_hooks: list[str] = field(default_factory=list)
-    """The observed hook points (config ``observe``; empty for ``"none"``)."""
-    observed_positives: Tensor = field(default_factory=_nothing_observed)
-    """Mean response-token activation of every D+ sample at every observed hook, ``[n_pairs, n_observed, d_model]``
-    (the base model's, captured in the same forward pass as ``positives``)."""
-    observed_negatives: Tensor = field(default_factory=_nothing_observed)
-    rejected: bool = False
-    """The guard rail rejected this iteration's policy: ``policy`` and ``heldout`` are the previous policy's."""
-
-    @property
-    def observed_layers(self) -> list[int]:
-        """The layer of every observed hook."""
-        return [layer for hook in self.observed_hooks if (layer := layer_of(hook)) is not None]
-
-
-@dataclass
 class Sims:
-    """A SIMS run in memory: the model, its data, oracle and learner, the configuration and the state."""
+    """A SIMS run in memory: the model, its data, oracle and learner, the configuration and the state.
 
-    model: Any
-    tokenizer: Any
-    config: SimsConfig
-    train_prompts: Sequence[Prompt]
-    heldout_prompts: Sequence[Prompt]
-    oracle: Any
-    learner: Learner
-    callbacks: Sequence[Callback] = ()
-    progress: bool = True
-    reference: Any = None
-    """An optional second oracle; its agreement with ``oracle`` is logged as ``oracle_agreement``."""
-    state: LoopState = field(default_factory=LoopState)
-    _collected: dict[int, Batch] = field(default_factory=dict, repr=False)
+    Args:
+        model, tokenizer: a TransformerBridge and its tokenizer (:func:`sims_lens.load_model`); a
+            model name or path instead loads it (``dtype``/``device`` settings apply).
+        oracle: a registered oracle name, an object with ``score(prompts, responses)``, or a plain
+            function ``f(prompts, responses) -> scores`` (``responses[i]``: the K responses to
+            ``prompts[i]``; one list of K floats per prompt comes back). Default: ``config.oracle``.
+        oracle_relative: for a function oracle, whether its scores only rank one prompt's responses
+            (default: absolute, comparable across prompts and iterations).
+        learner: a registered learner name or a learner object. Default: ``config.learner``.
+        prompts, heldout_prompts: lists of strings or :class:`Prompt`, a file (.jsonl/.csv/.txt),
+            ``"builtin"`` or ``"hf:NAME[:SPLIT]"``. Held-out prompts are cut to ``heldout_size``.
+        reference_oracle: a second oracle (name, object or function); its agreement is logged.
+        init: the policy to start from (a SteeringSet or a ``.safetensors`` file); default pi_0.
+        out: a run folder to write (resumable); ``resume=True`` goes on from its last iteration.
+        callbacks: loop callbacks (``on_phase``, ``on_iteration``); ``progress``: progress bars.
+        config: a :class:`SimsConfig` to start from; it is never changed.
+        **settings: any other configuration key (``iterations=3``, ``layers=[15]``, ...), validated
+            with the TOML keys' messages; a nested table is a dict or its dataclass.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any = None,
+        *,
+        oracle: Any = None,
+        learner: str | Learner | None = None,
+        prompts: PromptSource = None,
+        heldout_prompts: PromptSource = None,
+        reference_oracle: Any = None,
+        oracle_relative: bool | None = None,
+        init: SteeringSet | str | os.PathLike[str] | None = None,
+        out: str | os.PathLike[str] | None = None,
+        resume: bool = False,
+        callbacks: Sequence[Callback] = (),
+        progress: bool = True,
+        config: SimsConfig | None = None,
+        **settings: Any,
+    ) -> None:
+        names: dict[str, Any] = {}  # the settings that name what was given as a string
+        for key, value in (
+            ("oracle", oracle),
+            ("learner", learner),
+            ("reference_oracle", reference_oracle),
+            ("prompts", prompts),
+            ("heldout_prompts", heldout_prompts),
+            ("init", init),
+        ):
+            if isinstance(value, str | os.PathLike):
+                names[key] = os.fspath(value)
+        if isinstance(model, str | os.PathLike):
+            names["model"] = os.fspath(model)
+        overlap = sorted(set(names) & set(settings))
+        if overlap:
+            raise TypeError(f"Sims() got {overlap[0]!r} twice")
+        config = build_config(config, {**settings, **names})
+        if model is None or isinstance(model, str | os.PathLike):
+            from sims_lens.models import load_model
+
+            model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+        if tokenizer is None:
+            raise TypeError("Sims() needs the model's tokenizer: Sims(model, tokenizer, ...) (load_model returns both)")
+        self.model, self.tokenizer = model, tokenizer
+        self.oracle = resolve_oracle(
+            config.oracle if oracle is None else oracle, config, model, tokenizer, relative=oracle_relative
+        )
+        self.reference = None
+        reference = config.reference_oracle if reference_oracle is None else reference_oracle
+        if reference:
+            self.reference = resolve_oracle(reference, config, model, tokenizer, key="reference_oracle")
+        self.learner = resolve_learner(learner, config)
+        given: dict[str, Any] = {
+            k: v
+            for k, v in (("prompts", prompts), ("heldout_prompts", heldout_prompts))
+            if k not in names and v is not None
+        }
+        for key in ("prompts", "heldout_prompts"):  # a run made from Python lists keeps them in its folder
+            if key not in given and str(getattr(config, key)).startswith(GIVEN) and out is not None:
+                from sims_lens.run_folder import RunFolder
+
+                given[key] = RunFolder(Path(out)).load_prompts(key, config)
+        # prompts given as lists: config.toml records their count and a hash (given_marker)
+        self.train_prompts = resolve_prompts(given.get("prompts", config.prompts), "train", "prompts")
+        heldout = resolve_prompts(given.get("heldout_prompts", config.heldout_prompts), "heldout", "heldout_prompts")
+        self.heldout_prompts = heldout[: config.heldout_size]
+        self._given_prompts = {key: self.train_prompts if key == "prompts" else heldout for key in given}
+        names.update({key: given_marker(prompts) for key, prompts in self._given_prompts.items()})
+        check_run(config, self.oracle, self.train_prompts, self.heldout_prompts, int(model.cfg.n_layers))
+        check_hooks(model, config.hook_names([0]))  # the hook point exists in this architecture
+        from sims_lens.models import dtype_name
+
+        self.config = replace(  # what "auto" and the objects given became (config.toml records it)
+            config,
+            dtype=dtype_name(next(model.parameters()).dtype),
+            positions=learner_positions(self.learner, config.positions),
+            oracle=config.oracle if oracle is None or isinstance(oracle, str) else oracle_name(self.oracle),
+            learner=config.learner
+            if learner is None or isinstance(learner, str)
+            else str(getattr(self.learner, "name", type(self.learner).__name__)),
+            prompts=names.get("prompts", config.prompts),
+            heldout_prompts=names.get("heldout_prompts", config.heldout_prompts),
+            init=config.init if init is None or isinstance(init, str | os.PathLike) else given_marker(init),
+            reference_oracle=config.reference_oracle
+            if self.reference is None or isinstance(reference, str)
+            else oracle_name(self.reference),
+        )
+        self.init = self._initial_policy(init if init is not None else (config.init or None))
+        self.callbacks: list[Any] = list(callbacks)
+        self.progress = progress
+        self.out = None if out is None else Path(out)
+        self.resume = resume
+        if self.out is not None:
+            from sims_lens.run_folder import RunFolder, check_new_folder
+
+            if not resume:
+                check_new_folder(self.out)
+            RunFolder(self.out).refuse_if_locked()
+        self.state = LoopState(policy=self.init)
+        self._collected: dict[int, Batch] = {}
+
+    @classmethod
+    def from_config(cls, config: SimsConfig, *, model: Any = None, tokenizer: Any = None, **kwargs: Any) -> Sims:
+        """The run a configuration names: loads its model (unless given), prompts, oracle and learner."""
+        return cls(model, tokenizer, config=config, **kwargs)
+
+    @property
+    def policy(self) -> SteeringSet | None:
+        """The current policy pi_t (None before the first iteration, unless started from ``init``)."""
+        return self.state.policy
+
+    def run(self) -> list[IterationResult]:
+        """Every remaining iteration; the results in order."""
+        return list(self.iterate())
+
+    def _initial_policy(self, init: Any) -> SteeringSet | None:
+        if init is None:
+            return None
+        if isinstance(init, str | os.PathLike):
+            return load_steering(check_not_marker(os.fspath(init), "init"), self.model)
+        if not isinstance(init, SteeringSet):
+            raise TypeError(f"init must be a SteeringSet or the path of a .safetensors steering file, got {type(init)}")
+        check_hooks(self.model, init.hooks)
+        return init
 
     # -- the loop ---------------------------------------------------------------------------
     def iterate(self) -> Iterator[IterationResult]:
-        """Yield iterations ``state.completed + 1 .. config.iterations`` (a resumed state goes on)."""
-        self.prepare()
-        while self.state.completed < self.config.iterations:
-            yield self.step(self.state.completed + 1)
+        """Yield iterations ``state.completed + 1 .. config.iterations`` (a resumed state goes on).
+
+        With ``out``, the run folder is locked while this runs, every finished iteration is written
+        to it, and a resumed run starts after its last finished iteration.
+        """
+        with ExitStack() as stack:
+            if self.out is not None:
+                stack.enter_context(self._run_folder())
+            self.prepare()
+            while self.state.completed < self.config.iterations:
+                yield self.step(self.state.completed + 1)
+
+    def _run_folder(self) -> AbstractContextManager[None]:
+        """Open (or resume) ``out`` under its lock, restore the state, and add the run-folder writer."""
+        from contextlib import contextmanager
+
+        from sims_lens.run import RunWriter, restore_state
+        from sims_lens.run_folder import RunFolder, open_run
+
+        @contextmanager
+        def opened() -> Iterator[None]:
+            assert self.out is not None
+            folder = RunFolder(self.out)
+            with folder.lock():
+                folder, self.config, done = open_run(folder.path, self.config, self.resume)
+                if not done:
+                    folder.keep_prompts(self._given_prompts)
+                self.state = restore_state(folder, self.config, self.model, self.tokenizer, init=self.init)
+                writer = RunWriter(folder, self.model)
+                self.callbacks.insert(0, writer)
+                try:
+                    yield
+                finally:
+                    self.callbacks.remove(writer)
+
+        return opened()
 
     def prepare(self) -> None:
         """Before the loop: the memory bank, the base model's held-out evaluation, the steered layers."""
@@ -221,15 +314,15 @@ class Sims:
         wins = head_to_head(
             self.oracle, self.heldout_prompts, heldout, self.state.base_heldout, self.config.eval_samples_per_prompt
         )
-        positives, negatives = reduce_tokens(batch.positives, "mean"), reduce_tokens(batch.negatives, "mean")
+        positives, negatives = batch.activations.reduced("mean")
         metrics = [
             *batch_rows(iteration, batch.samples, batch.selection, relative=self._relative["relative"]),
             *layer_rows(
                 iteration,
-                hooks=batch.hooks,
+                hooks=batch.activations.hooks,
                 positives=positives,
                 negatives=negatives,
-                groups=batch.groups,
+                prompt_ids=batch.activations.prompt_ids,
                 fitted=fitted,
                 policy=policy,
                 seed=self.config.seed,
@@ -244,15 +337,9 @@ class Sims:
             fitted,
             batch.samples,
             batch.selection,
-            batch.hooks,
-            positives,
-            negatives,
+            batch.activations,
             metrics,
             heldout,
-            groups=batch.groups,
-            observed_hooks=list(batch.observed_hooks),
-            observed_positives=batch.observed_positives,
-            observed_negatives=batch.observed_negatives,
             rejected=guard.rejected,
         )
         for cb in self.callbacks:
@@ -301,19 +388,9 @@ class Sims:
         selection = self.select(samples)
         self._phase(iteration, "select", samples=samples, selection=selection)
         observed = self.observed_hooks
-        captured = self.capture_pairs(iteration, selection, hooks, observed)
+        activations = self.capture(iteration, selection, hooks, observed)
         self._phase(iteration, "capture", hooks=hooks, observed_hooks=observed)
-        return Batch(
-            prompts,
-            samples,
-            selection,
-            hooks,
-            captured.positives,
-            captured.negatives,
-            observed_hooks=observed,
-            observed_positives=captured.observed_positives,
-            observed_negatives=captured.observed_negatives,
-        )
+        return Batch(prompts, samples, selection, activations)
 
     # -- the steps ----------------------------------------------------------------------------
     def prompts(self, iteration: int) -> list[Prompt]:
@@ -375,14 +452,14 @@ class Sims:
             selection = select_pairs(samples, pairs_per_prompt=c.pairs_per_prompt, margin=c.margin)
         if len(selection.pairs) < 2:
             raise NotSeparableError(
-                f"the oracle {getattr(self.oracle, 'name', '?')!r} separated only {len(selection.pairs)} of "
+                f"the oracle {oracle_name(self.oracle)!r} separated only {len(selection.pairs)} of "
                 f"{selection.considered_prompts} prompts by more than margin={c.margin}; lower 'margin', raise "
                 "'samples_per_prompt' or 'temperature', or use an oracle that distinguishes these responses"
             )
         label_samples(samples, selection)
         return selection
 
-    def capture_pairs(
+    def capture(
         self, iteration: int, selection: Selection, hooks: list[str], observed: Sequence[str] = ()
     ) -> PairActivations:
         """Step 5: the *base* model's activations of D+ and D- (never steered), in one forward pass per batch.
@@ -390,39 +467,30 @@ class Sims:
         Response tokens at the steered ``hooks`` (for the learner) and, per sample, their mean at the
         ``observed`` hooks (for analysis; a hook in both is captured once).
         """
-        pad, size = int(self.tokenizer.pad_token_id), self.config.batch_size
-        ends = end_token_ids(self.tokenizer)  # an end-of-turn token is never part of a response's span
-        sides = ([p.positive.exchange for p in selection.pairs], [p.negative.exchange for p in selection.pairs])
-        with self._bar(2 * len(selection.pairs), f"iter {iteration}: capture") as bar:
-            positives, negatives = (
-                capture_activations(self.model, side, hooks, pad, size, bar.update, end_ids=ends, mean_hooks=observed)
-                for side in sides
+        pairs = selection.pairs
+        with self._bar(2 * len(pairs), f"iter {iteration}: capture") as bar:
+            return capture_pairs(
+                self.model,
+                self.tokenizer,
+                [p.positive.exchange for p in pairs],
+                [p.negative.exchange for p in pairs],
+                [p.positive.prompt_id for p in pairs],
+                hooks,
+                iteration=iteration,
+                observed=observed,
+                batch_size=self.config.batch_size,
+                on_batch=bar.update,
             )
-        return PairActivations(positives.tokens, negatives.tokens, positives.means, negatives.means)
-
-    def capture(self, iteration: int, selection: Selection, hooks: list[str]) -> tuple[list[Tensor], list[Tensor]]:
-        """The steered hooks' response-token activations of D+ and D- only (:meth:`capture_pairs` observing nothing)."""
-        captured = self.capture_pairs(iteration, selection, hooks)
-        return captured.positives, captured.negatives
 
     def fit(self, iteration: int, batch: Batch) -> SteeringSet:
         """Step 6: one steering function per hook from the learner, scaled by ``multiplier``."""
-        if self.learner.inputs == "token_pairs":
-            pos, neg = pair_tokens(batch.positives, batch.negatives)
-        else:
-            pos = reduce_tokens(batch.positives, self.config.reduction)
-            neg = reduce_tokens(batch.negatives, self.config.reduction)
-        functions = []
-        for i, hook in enumerate(batch.hooks):
-            fn = self.learner.fit(pos[:, i], neg[:, i], hook)
-            fn.iteration = iteration
-            fn.multiplier *= self.config.multiplier
-            functions.append(fn)
-        return SteeringSet.from_functions(
-            functions,
+        return fit_steering(
+            self.learner,
+            batch.activations,
+            reduction=self.config.reduction,
+            multiplier=self.config.multiplier,
             positions=self.positions,
             model_name=str(getattr(self.model.cfg, "model_name", "")),
-            iteration=iteration,
         )
 
     def evaluate(self, policy: SteeringSet | None) -> Evaluation:
@@ -452,16 +520,18 @@ class Sims:
         k = int(str(self.config.layers).removeprefix("top:"))
         everything = list(range(self.n_layers))
         batch = self.collect(1, self.config.hook_names(everything))
-        pos, neg = reduce_tokens(batch.positives, "mean"), reduce_tokens(batch.negatives, "mean")
-        groups = [pair.positive.prompt_id for pair in batch.selection.pairs]
-        if len(set(groups)) < 2:
+        pos, neg = batch.activations.reduced("mean")
+        prompt_ids = batch.activations.prompt_ids
+        if len(set(prompt_ids)) < 2:
             raise NotSeparableError(
                 f"layers = {self.config.layers!r} needs pairs from at least 2 prompts to cross-validate probes; the "
-                f"oracle separated {len(set(groups))}. Raise 'prompts_per_iteration' or list the layers instead"
+                f"oracle separated {len(set(prompt_ids))}. Raise 'prompts_per_iteration' or list the layers instead"
             )
-        accuracy = [probe_accuracy(pos[:, layer], neg[:, layer], groups, seed=self.config.seed) for layer in everything]
+        accuracy = [
+            probe_accuracy(pos[:, layer], neg[:, layer], prompt_ids, seed=self.config.seed) for layer in everything
+        ]
         layers = sorted(sorted(everything, key=lambda layer: (-accuracy[layer], layer))[:k])
-        self._collected[1] = batch.at_layers(layers, self.config.hook_names(layers))
+        self._collected[1] = replace(batch, activations=batch.activations.at_hooks(layers))
         return layers
 
     # -- helpers ------------------------------------------------------------------------------
@@ -473,9 +543,7 @@ class Sims:
     @property
     def positions(self) -> str:
         """The position policy of every fit: the config's, or for "auto" the learner's own default."""
-        if self.config.positions == "auto":
-            return str(getattr(self.learner, "positions", "all"))
-        return self.config.positions
+        return learner_positions(self.learner, self.config.positions)
 
     @property
     def n_layers(self) -> int:
@@ -498,16 +566,19 @@ class Sims:
         return GenerationSettings(c.max_new_tokens, c.temperature, c.top_p, c.batch_size, True)
 
     def _scores(
-        self, iteration: int, oracle: Any, prompts: Sequence[Prompt], groups: list[list[str]], as_policy: bool
+        self, iteration: int, oracle: Any, prompts: Sequence[Prompt], responses: list[list[str]], as_policy: bool
     ) -> list[list[float]]:
         """An oracle's scores, a few prompts at a time (with a progress bar); as the policy if asked."""
         step = max(1, self.config.batch_size // self.config.samples_per_prompt)
         scores: list[list[float]] = []
         policy = self._policy() if as_policy else nullcontext()
-        with self._bar(len(prompts), f"iter {iteration}: scoring ({oracle.name})", unit="prompt") as bar, policy:
+        with (
+            self._bar(len(prompts), f"iter {iteration}: scoring ({oracle_name(oracle)})", unit="prompt") as bar,
+            policy,
+        ):
             for start in range(0, len(prompts), step):
                 texts = [p.text for p in prompts[start : start + step]]
-                scores.extend(oracle.score(texts, groups[start : start + step]))
+                scores.extend(oracle.score(texts, responses[start : start + step]))
                 bar.update(len(texts))
         return scores
 
@@ -523,3 +594,15 @@ class Sims:
 
     def _bar(self, total: int, desc: str, unit: str = "seq") -> Any:
         return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not self.progress)
+
+
+def sims_from_config(
+    config: SimsConfig,
+    callbacks: Sequence[Callback] = (),
+    progress: bool = True,
+    model: Any = None,
+    tokenizer: Any = None,
+    **kwargs: Any,
+) -> Sims:
+    """:meth:`Sims.from_config`: the run a configuration names (its model loaded unless given)."""
+    return Sims.from_config(config, model=model, tokenizer=tokenizer, callbacks=callbacks, progress=progress, **kwargs)

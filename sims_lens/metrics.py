@@ -19,7 +19,7 @@ from torch import Tensor
 from sims_lens.contrast import Sample, Selection, group_by_prompt
 from sims_lens.evaluation import Evaluation
 from sims_lens.oracles.base import agreement
-from sims_lens.separability import Separability, separability
+from sims_lens.separability import separability_by_hook
 from sims_lens.steering.functions import SteeringSet, layer_of
 
 METRIC_COLUMNS = ["iteration", "split", "metric", "layer", "value"]
@@ -108,31 +108,29 @@ def layer_rows(
     hooks: Sequence[str],
     positives: Tensor,
     negatives: Tensor,
-    groups: Sequence[str] | None,
+    prompt_ids: Sequence[str] | None,
     fitted: SteeringSet,
     policy: SteeringSet,
     seed: int,
 ) -> list[MetricRow]:
     """Per steered layer: the norms of the new fit and of the policy, and how separable H+ and H- are.
 
-    ``groups[i]`` is the prompt of pair ``i``: separability (``probe_accuracy``, its permutation
+    ``prompt_ids[i]`` is the prompt of pair ``i``: separability (``probe_accuracy``, its permutation
     null ``probe_accuracy_null`` and ``fisher_ratio``) is cross-validated over folds of prompts
     (:func:`sims_lens.separability.separability`). With every pair from one prompt
     (``pairs_per_prompt`` > 1) nothing can be held out, and the three are NaN.
     """
     fit_norms, policy_norms = fitted.norms(), policy.norms()
-    measurable = groups is None or len(set(groups)) >= 2
-    unmeasured = Separability(probe_accuracy=math.nan, probe_accuracy_null=math.nan, fisher_ratio=math.nan)
+    measured = separability_by_hook(positives, negatives, hooks, prompt_ids, seed=seed)
     rows = []
-    for i, hook in enumerate(hooks):
-        layer = layer_of(hook)
-        measured = separability(positives[:, i], negatives[:, i], groups, seed=seed) if measurable else unmeasured
+    for hook in hooks:
+        layer, sep = layer_of(hook), measured[hook]
         rows += [
             metric_row(iteration, "train", "fit_norm", fit_norms[hook], layer),
             metric_row(iteration, "train", "policy_norm", policy_norms[hook], layer),
-            metric_row(iteration, "train", "probe_accuracy", measured.probe_accuracy, layer),
-            metric_row(iteration, "train", "probe_accuracy_null", measured.probe_accuracy_null, layer),
-            metric_row(iteration, "train", "fisher_ratio", measured.fisher_ratio, layer),
+            metric_row(iteration, "train", "probe_accuracy", sep.probe_accuracy, layer),
+            metric_row(iteration, "train", "probe_accuracy_null", sep.probe_accuracy_null, layer),
+            metric_row(iteration, "train", "fisher_ratio", sep.fisher_ratio, layer),
         ]
     return rows
 

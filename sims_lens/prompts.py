@@ -68,6 +68,11 @@ def load_prompts(
         raise ValueError(f"column must be a non-empty string, got {column!r}")
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
+    if isinstance(source, str) and source.startswith("python:"):
+        raise ValueError(
+            f"prompts {source!r} were given as a Python list when the run was made and cannot be loaded by name; "
+            "pass them again, or a prompt file (sims-lens eval --prompts FILE)"
+        )
     if source is None or source == BUILTIN:
         return _from_records(_read_jsonl(builtin_path()), "prompt", split, "the built-in prompt set")
     if not isinstance(source, str) or not source.strip():
@@ -122,7 +127,26 @@ def iteration_prompts(
     return [pool[(start + i) % len(pool)] for i in range(min(n, len(pool)))]
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_records(source: str | os.PathLike[str], what: str = "prompt") -> tuple[list[dict[str, Any]], str]:
+    """The rows of a ``.jsonl`` or ``.csv`` file, or of ``hf:NAME[:SPLIT]``, and how to name their source."""
+    text = os.fspath(source)
+    if text.startswith(HF_PREFIX):
+        name, _, hf_split = text[len(HF_PREFIX) :].partition(":")
+        return _read_hf(name, hf_split or "train"), f"Hugging Face dataset {name!r}"
+    path = Path(text).expanduser()
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".csv"):
+        raise ValueError(
+            f"unsupported {what} file {str(path)!r} (extension {suffix or 'none'!r}); use a .jsonl or .csv file, "
+            "or 'hf:NAME[:SPLIT]' for a Hugging Face dataset"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {str(path)!r} does not exist; pass an existing .jsonl or .csv file")
+    records = _read_jsonl(path, what) if suffix == ".jsonl" else _read_csv(path)
+    return records, f"{what} file {str(path)!r}"
+
+
+def _read_jsonl(path: Path, what: str = "prompt") -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -131,13 +155,13 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(
-                f"prompt file {str(path)!r}, line {number}: not valid JSON ({err.msg}); "
-                'each line must be one JSON object such as {"prompt": "..."}'
+                f"{what} file {str(path)!r}, line {number}: not valid JSON ({err.msg}); "
+                f'each line must be one JSON object such as {{"{what}": "..."}}'
             ) from None
         if not isinstance(record, dict):
             raise ValueError(
-                f"prompt file {str(path)!r}, line {number}: expected a JSON object such as "
-                f'{{"prompt": "..."}}, got {type(record).__name__}'
+                f"{what} file {str(path)!r}, line {number}: expected a JSON object such as "
+                f'{{"{what}": "..."}}, got {type(record).__name__}'
             )
         records.append(record)
     return records

@@ -16,7 +16,9 @@ Layout (ARCHITECTURE.md, "The run folder")::
     RUN/steering/fit_NNN.safetensors   what iteration NNN fitted, before the update rule
     RUN/observed/iter_NNN.safetensors  iteration NNN's D+ / D- mean activations at every observed
                                      layer (tensors positives, negatives [n_pairs, n_observed, d_model];
-                                     hooks, layers, groups in the header)
+                                     hooks, layers, prompt_ids in the header)
+    RUN/prompts.jsonl, heldout_prompts.jsonl  prompts given to Sims as Python lists (config.toml
+                                     records "python:N prompts HASH" for them)
     RUN/figures/                     plotly pages rewritten after every iteration
     RUN/.lock                        held by the process writing the run (its pid)
 
@@ -33,7 +35,7 @@ import os
 import socket
 import sys
 import tomllib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,13 +45,14 @@ import pandas as pd
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch import Tensor
 
+from sims_lens.activations import PairActivations
 from sims_lens.chat import Exchange
 from sims_lens.config import SimsConfig, config_from_dict, config_to_dict, save_config
 from sims_lens.evaluation import Evaluation
 from sims_lens.files import write_atomic
 from sims_lens.metrics import METRIC_COLUMNS, MetricRow, empty_metrics, tidy_metrics
+from sims_lens.prompts import BUILTIN, Prompt, load_prompts
 from sims_lens.steering.functions import SteeringSet, layer_of
 from sims_lens.steering.io import load_steering, save_steering
 
@@ -65,6 +68,9 @@ STEERING = "steering"
 OBSERVED = "observed"
 FIGURES = "figures"
 LOCK = ".lock"
+PROMPT_COPIES = {"prompts": "prompts.jsonl", "heldout_prompts": "heldout_prompts.jsonl"}
+"""Where a run keeps prompts given to ``Sims`` as lists (its config.toml records ``python:N prompts HASH``)."""
+
 STEERING_STEMS = {"policy": "iter", "fit": "fit"}
 """File stem of each kind of steering file: the policy after an iteration, or that iteration's fit."""
 
@@ -75,24 +81,6 @@ OBSERVED_FORMAT_VERSION = 1
 
 class RunFolderError(ValueError):
     """The run folder cannot be used as asked (exists without --resume, config mismatch, locked, ...)."""
-
-
-@dataclass(frozen=True, eq=False)
-class ObservedActivations:
-    """One iteration's ``observed/iter_NNN.safetensors``: the base model's D+ / D- activations at the observed layers.
-
-    Row i of ``positives`` / ``negatives`` is pair i of the iteration (``pairs.jsonl`` order), the
-    mean over its response's content tokens; column j is ``hooks[j]`` (layer ``layers[j]``).
-    """
-
-    iteration: int
-    hooks: list[str]
-    layers: list[int]
-    groups: list[str]
-    """The prompt id of every pair."""
-    positives: Tensor
-    """``[n_pairs, n_observed, d_model]`` float32."""
-    negatives: Tensor
 
 
 @dataclass(frozen=True)
@@ -268,48 +256,36 @@ class RunFolder:
         return found
 
     # -- observed layers ----------------------------------------------------------------------
-    def save_observed(
-        self, iteration: int, hooks: Sequence[str], positives: Tensor, negatives: Tensor, groups: Sequence[str]
-    ) -> Path:
+    def save_observed(self, activations: PairActivations) -> Path:
         """Write ``observed/iter_NNN.safetensors`` (via a temporary file): the tensors ``positives`` and
-        ``negatives`` (float32 ``[n_pairs, n_observed, d_model]``) and, as JSON in the safetensors header,
-        ``hooks``, ``layers``, ``groups`` and ``iteration``."""
-        hooks, groups = [str(h) for h in hooks], [str(g) for g in groups]
+        ``negatives`` (float32 ``[n_pairs, n_observed, d_model]``: the observed view of ``activations``)
+        and, as JSON in the safetensors header, ``hooks``, ``layers``, ``prompt_ids`` and ``iteration``."""
+        hooks = [str(h) for h in activations.observed_hooks]
         if not hooks:
             raise ValueError("save_observed: no observed hooks (observe = 'none' writes no file)")
         layers = [layer_of(h) for h in hooks]
         if None in layers:
             raise ValueError(f"save_observed: every observed hook must be a layer's (blocks.L.*), got {hooks}")
-        if positives.ndim != 3 or positives.shape != negatives.shape:
-            raise ValueError(
-                f"save_observed: positives and negatives must be [n_pairs, n_observed, d_model] alike, got "
-                f"{tuple(positives.shape)} and {tuple(negatives.shape)}"
-            )
-        if positives.shape[1] != len(hooks) or positives.shape[0] != len(groups):
-            raise ValueError(
-                f"save_observed: activations {tuple(positives.shape)} do not match {len(groups)} pairs "
-                f"(groups) and {len(hooks)} hooks"
-            )
         meta = {
             "format": OBSERVED_FORMAT,
             "format_version": OBSERVED_FORMAT_VERSION,
-            "iteration": int(iteration),
+            "iteration": int(activations.iteration),
             "hooks": hooks,
             "layers": layers,
-            "groups": groups,
+            "prompt_ids": [str(p) for p in activations.prompt_ids],
         }
         tensors = {
-            "positives": positives.detach().float().contiguous().cpu(),
-            "negatives": negatives.detach().float().contiguous().cpu(),
+            "positives": activations.observed_positives.detach().float().contiguous().cpu(),
+            "negatives": activations.observed_negatives.detach().float().contiguous().cpu(),
         }
-        path = self.observed_path(iteration)
+        path = self.observed_path(activations.iteration)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         save_file(tensors, str(tmp), metadata={"sims_lens": json.dumps(meta)})
         os.replace(tmp, path)
         return path
 
-    def load_observed(self, iteration: int) -> ObservedActivations | None:
+    def load_observed(self, iteration: int) -> PairActivations | None:
         """Iteration ``iteration``'s observed activations (None if it has no file or is not finished)."""
         path = self.observed_path(iteration)
         if not path.is_file() or (self.state_path.is_file() and iteration > self.completed_iterations):
@@ -319,18 +295,46 @@ class RunFolder:
                 header = handle.metadata() or {}
                 positives, negatives = handle.get_tensor("positives"), handle.get_tensor("negatives")
             meta = json.loads(header["sims_lens"])
+            prompt_ids = list(meta["prompt_ids"] if "prompt_ids" in meta else meta["groups"])  # older files: groups
         except (SafetensorError, OSError, KeyError, ValueError) as err:
             raise RunFolderError(f"{path} is not a readable observed-activations file ({err})") from None
         if meta.get("format") != OBSERVED_FORMAT:
             raise RunFolderError(f"{path} is not a sims-lens observed-activations file (format {meta.get('format')!r})")
-        return ObservedActivations(
-            iteration=int(meta["iteration"]),
-            hooks=list(meta["hooks"]),
-            layers=[int(layer) for layer in meta["layers"]],
-            groups=list(meta["groups"]),
-            positives=positives.to(torch.float32),
-            negatives=negatives.to(torch.float32),
-        )
+        try:
+            return PairActivations(
+                int(meta["iteration"]),
+                [str(p) for p in prompt_ids],
+                observed_hooks=list(meta["hooks"]),
+                observed_positives=positives.to(torch.float32),
+                observed_negatives=negatives.to(torch.float32),
+            )
+        except ValueError as err:
+            raise RunFolderError(f"{path}: {err}") from None
+
+    # -- prompts given as lists -------------------------------------------------------------
+    def keep_prompts(self, given: Mapping[str, Sequence[Prompt]]) -> None:
+        """Keep a copy of prompts given as lists (``prompts`` / ``heldout_prompts``), so the run can be re-read."""
+        for key, prompts in given.items():
+            text = "".join(json.dumps({"id": p.id, "prompt": p.text}) + "\n" for p in prompts)
+            write_atomic(self.path / PROMPT_COPIES[key], text)
+
+    def load_prompts(self, key: str, config: SimsConfig | None = None) -> list[Prompt]:
+        """The run's ``prompts`` or ``heldout_prompts`` (all of them): its copy of a given list, else their source."""
+        config = config or self.read_config()
+        source = str(getattr(config, key))
+        if source.startswith("python:"):
+            copy = self.path / PROMPT_COPIES[key]
+            if not copy.is_file():
+                raise RunFolderError(
+                    f"{self.path}: {key} = {source!r} were given in Python, and {copy.name} is missing"
+                )
+            return load_prompts(copy)
+        return load_prompts(source, ("train" if key == "prompts" else "heldout") if source == BUILTIN else None)
+
+    def heldout_prompts(self, config: SimsConfig | None = None) -> list[Prompt]:
+        """The held-out prompts the run measured every policy on (the first ``heldout_size``)."""
+        config = config or self.read_config()
+        return self.load_prompts("heldout_prompts", config)[: config.heldout_size]
 
     def observed_iterations(self) -> list[int]:
         """Finished iterations that have an ``observed/iter_NNN.safetensors`` file, in order."""

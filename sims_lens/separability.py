@@ -16,6 +16,7 @@ the fold's rows.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -168,6 +169,29 @@ def separability(
         probe_accuracy_null=float(np.mean(null)),
         fisher_ratio=_cv_fisher(pos, neg, splits),
     )
+
+
+def separability_by_hook(
+    positives: Float[Tensor, "n_pairs n_hooks d_model"],
+    negatives: Float[Tensor, "n_pairs n_hooks d_model"],
+    hooks: Sequence[str],
+    prompt_ids: Sequence[Hashable] | None,
+    *,
+    seed: int,
+) -> dict[str, Separability]:
+    """:func:`separability` at every hook: the one tabulation the loop's metrics and analysis share.
+
+    ``prompt_ids[i]`` is the prompt of pair ``i`` (None: one prompt per pair). With fewer than 2
+    prompts nothing can be held out by prompt, so every value is NaN.
+    """
+    if positives.ndim != 3 or positives.shape != negatives.shape or positives.shape[1] != len(hooks):
+        raise ValueError(
+            f"positives and negatives must be paired [n_pairs, {len(hooks)} hooks, d_model] alike, got "
+            f"{tuple(positives.shape)} and {tuple(negatives.shape)}"
+        )
+    if prompt_ids is not None and len(set(prompt_ids)) < 2:
+        return dict.fromkeys(hooks, Separability(math.nan, math.nan, math.nan))
+    return {hook: separability(positives[:, i], negatives[:, i], prompt_ids, seed=seed) for i, hook in enumerate(hooks)}
 
 
 def _group_codes(groups: Groups, n_pairs: int, name: str) -> np.ndarray:

@@ -6,16 +6,11 @@ Import them with ``from tests.helpers import ...`` (``tests`` is a package: pyte
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from sims_lens.config import load_config
 from sims_lens.loop import Sims
 from sims_lens.prompts import Prompt
-from sims_lens.run import RunWriter
-from sims_lens.run_folder import open_run
-from sims_lens.steering.learners import make_learner
 
 
 @dataclass
@@ -70,10 +65,14 @@ def tiny_sims(tiny, oracle=None, **overrides) -> Sims:
         "temperature": 1.0,
         "top_p": 1.0,
     }
-    settings.update(overrides)
-    config = load_config(None, [f"{k}={json.dumps(v)}" for k, v in settings.items()])
+    for key, value in overrides.items():  # a dotted key ("learners.hpr.epochs") sets a nested table
+        *tables, leaf = key.split(".")
+        target = settings
+        for table in tables:
+            target = target.setdefault(table, {})
+        target[leaf] = value
     return Sims(
-        model, tok, config, TRAIN, HELDOUT, oracle or LetterOracle(), make_learner(config.learner), progress=False
+        model, tok, oracle=oracle or LetterOracle(), prompts=TRAIN, heldout_prompts=HELDOUT, progress=False, **settings
     )
 
 
@@ -102,8 +101,6 @@ class FakeRelevance:
 
 
 def make_run(tiny, out: Path, seed: int) -> Path:
-    sims = tiny_sims(tiny, seed=seed)
-    folder, _, _ = open_run(out, sims.config, resume=False)
-    sims.callbacks = [RunWriter(folder, sims.model)]
+    sims = tiny_sims(tiny, seed=seed, out=out)
     list(sims.iterate())
     return out

@@ -11,24 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from sims_lens.steering.hooks import apply_steering
+from sims_lens.steering.names import layer_of
+
+__all__ = ["DIRECTION_PARAM", "EDITS", "SteeringFunction", "SteeringSet", "layer_of"]
+
 Edit = Callable[[Float[Tensor, "... d_model"], Mapping[str, Tensor], float], Float[Tensor, "... d_model"]]
 """A pure edit: (activations, params, multiplier) -> edited activations of the same shape."""
-
-_LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
-
-
-def layer_of(hook_name: str) -> int | None:
-    """Layer index of a ``blocks.{l}.*`` hook name, None for hooks outside the blocks."""
-    match = _LAYER_RE.match(hook_name)
-    return int(match.group(1)) if match else None
 
 
 def _edit_add(h: Tensor, params: Mapping[str, Tensor], multiplier: float) -> Tensor:
@@ -219,6 +217,15 @@ class SteeringSet:
         return dataclasses.replace(
             self, functions={h: [f.scaled(factor) for f in fns] for h, fns in self.functions.items()}
         )
+
+    def apply(
+        self, model: Any, *, multiplier: float = 1.0, positions: str | None = None
+    ) -> AbstractContextManager[SteeringSet]:
+        """Steer ``model`` inside a ``with`` block; the hooks are removed on exit, also after an exception.
+
+        ``with steering.apply(model): ...`` is :func:`sims_lens.steering.hooks.apply_steering`.
+        """
+        return apply_steering(model, self, multiplier=multiplier, positions=positions)
 
     def __mul__(self, factor: float) -> SteeringSet:
         return self.scaled(factor)

@@ -10,13 +10,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from sims_lens.steering.functions import SteeringSet, layer_of
+from sims_lens.steering.names import layer_of
 from sims_lens.steering.positions import current_tracker, position_mask, validate_policy
+
+if TYPE_CHECKING:  # a type only: SteeringSet.apply calls this module
+    from sims_lens.steering.functions import SteeringSet
 
 
 def check_hooks(model: Any, hooks: list[str]) -> None:

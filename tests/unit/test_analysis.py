@@ -29,16 +29,13 @@ from analysis.live import LiveAnalysis
 from analysis.logit_lens import direction_logits, lens_rows, logit_lens, steering_lens
 from analysis.report import report, summary_table
 from analysis.run_data import load_run
-from analysis.separability import separability
 from analysis.watch import refresh
 from sims_lens.config import load_config
 from sims_lens.generation import GenerationSettings
 from sims_lens.loop import Sims
 from sims_lens.prompts import Prompt
-from sims_lens.run import RunWriter
-from sims_lens.run_folder import open_run
+from sims_lens.separability import separability_by_hook
 from sims_lens.steering.functions import SteeringFunction, SteeringSet
-from sims_lens.steering.learners import make_learner
 
 S2 = 1 / math.sqrt(2)
 E0, E1, E2 = torch.eye(4)[0], torch.eye(4)[1], torch.eye(4)[2]
@@ -108,16 +105,16 @@ def test_separability_per_layer():
     neg = torch.randn(12, 2, 8)
     pos[:, 1, 0] += 10.0  # layer 5 separates perfectly along one axis, layer 2 not at all
     hooks = ["blocks.2.hook_resid_post", "blocks.5.hook_resid_post"]
-    frame = separability(pos, neg, hooks, groups=[f"prompt{i // 2}" for i in range(12)])
-    assert list(frame["layer"]) == [2, 5] and set(frame["n_pairs"]) == {12}
-    assert frame.loc[1, "probe_accuracy"] == 1.0 and frame.loc[1, "fisher_ratio"] > frame.loc[0, "fisher_ratio"]
-    assert frame.loc[1, "probe_accuracy_null"] < frame.loc[1, "probe_accuracy"]
-    with pytest.raises(ValueError, match="hook names"):
-        separability(pos, neg, ["blocks.2.hook_resid_post"])
+    measured = separability_by_hook(pos, neg, hooks, [f"prompt{i // 2}" for i in range(12)], seed=0)
+    low, high = measured[hooks[0]], measured[hooks[1]]
+    assert high.probe_accuracy == 1.0 and high.fisher_ratio > low.fisher_ratio
+    assert high.probe_accuracy_null < high.probe_accuracy
     with pytest.raises(ValueError, match="paired"):
-        separability(pos, neg[:11], hooks)
-    with pytest.raises(ValueError, match="at least 2 groups"):
-        separability(pos, neg, hooks, groups=["one prompt"] * 12)
+        separability_by_hook(pos, neg, hooks[:1], None, seed=0)
+    with pytest.raises(ValueError, match="paired"):
+        separability_by_hook(pos, neg[:11], hooks, None, seed=0)
+    one_prompt = separability_by_hook(pos, neg, hooks, ["one prompt"] * 12, seed=0)
+    assert all(math.isnan(v) for sep in one_prompt.values() for v in vars(sep).values())
 
 
 # -- figures ----------------------------------------------------------------------------------
@@ -258,9 +255,17 @@ def tiny_run(tiny, tmp_path_factory):
     model, tok = tiny
     config = load_config(None, [f"{k}={json.dumps(v)}" for k, v in SETTINGS.items()])
     out = tmp_path_factory.mktemp("analysis") / "run"
-    folder, config, _ = open_run(out, config, resume=False)
-    sims = Sims(model, tok, config, TRAIN, HELDOUT, LetterOracle(), make_learner(config.learner), progress=False)
-    sims.callbacks = [RunWriter(folder, model), LiveAnalysis(out)]
+    sims = Sims(
+        model,
+        tok,
+        config=config,
+        oracle=LetterOracle(),
+        prompts=TRAIN,
+        heldout_prompts=HELDOUT,
+        out=out,
+        progress=False,
+    )
+    sims.callbacks.append(LiveAnalysis(out))
     results = list(sims.iterate())
     return out, results
 

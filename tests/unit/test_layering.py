@@ -17,10 +17,22 @@ def _module_name(path: Path) -> str:
 
 
 def _imports(path: Path, known: set[str]) -> tuple[set[str], set[str]]:
-    """(module-level imports, imports anywhere) of one file, restricted to the project's modules."""
+    """(module-level imports, imports anywhere) of one file, restricted to the project's modules.
+
+    Imports under ``if TYPE_CHECKING:`` never run (they name types for annotations), so they are no edges.
+    """
     tree = ast.parse(path.read_text())
+    typing_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+        for stmt in node.body
+        for inner in ast.walk(stmt)
+    }
     top, anywhere = set(), set()
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         names = []
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]

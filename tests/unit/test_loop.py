@@ -126,7 +126,7 @@ def test_interrupted_run_resumes_from_the_last_finished_iteration(tiny, tmp_path
     folder, _, done = open_run(out, None, resume=True)
     assert done == 1
     resumed = tiny_sims(tiny)
-    resumed.state = restore_state(folder, resumed)
+    resumed.state = restore_state(folder, resumed.config, resumed.model, resumed.tokenizer)
     resumed.callbacks = [RunWriter(folder, resumed.model)]
     results = list(resumed.iterate())
     assert [r.iteration for r in results] == [2]

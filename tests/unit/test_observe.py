@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 import json
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
+from sims_lens.activations import PairActivations
 from sims_lens.capture import capture_tokens, reduce_tokens
 from sims_lens.chat import end_token_ids
 from sims_lens.config import (
@@ -23,9 +25,9 @@ from sims_lens.config import (
     resolve_observe,
     to_toml,
 )
-from sims_lens.run import RunWriter, restore_state, sims_from_config
-from sims_lens.run_folder import ObservedActivations, RunFolder, RunFolderError, open_run
-from tests.helpers import Interrupt, StopAfter, tiny_sims
+from sims_lens.loop import sims_from_config
+from sims_lens.run_folder import RunFolder, RunFolderError, open_run
+from tests.helpers import Interrupt, LetterOracle, StopAfter, tiny_sims
 
 EVERY = [f"blocks.{layer}.hook_resid_post" for layer in range(4)]
 
@@ -75,9 +77,16 @@ def test_resolve_observe_gives_the_models_layers_and_names_its_layer_count():
 
 def test_an_observed_layer_the_model_lacks_fails_before_any_work(tiny):
     model, tok = tiny
-    config = tiny_sims(tiny, observe=[1, 5]).config
+    config = tiny_sims(tiny).config
     with pytest.raises(ConfigError, match=r"observe: \[5\] out of range; the model has 2 layers"):
-        sims_from_config(config, model=model, tokenizer=tok)
+        tiny_sims(tiny, observe=[1, 5])
+    with pytest.raises(ConfigError, match=r"observe: \[5\] out of range; the model has 2 layers"):
+        sims_from_config(
+            replace(config, observe=[1, 5], prompts="builtin", heldout_prompts="builtin"),
+            model=model,
+            tokenizer=tok,
+            oracle=LetterOracle(),
+        )
 
 
 def test_the_observed_hooks_are_the_observe_layers_at_the_configured_hook(tiny):
@@ -92,11 +101,10 @@ def test_the_observed_hooks_are_the_observe_layers_at_the_configured_hook(tiny):
 
 def _run(model_tok, out: Path, stop_after: int | None = None, **settings) -> tuple[RunFolder, list]:
     """A tiny run into ``out`` (resumed if it exists), with the run folder writer; stops after ``stop_after``."""
-    sims = tiny_sims(model_tok, **settings)
     resume = RunFolder(out).has_config()
-    folder, _, _ = open_run(out, None if resume else sims.config, resume=resume)
-    sims.state = restore_state(folder, sims)
-    sims.callbacks = [RunWriter(folder, sims.model)] + ([StopAfter(stop_after + 1)] if stop_after else [])
+    sims = tiny_sims(model_tok, out=out, resume=resume, **settings)
+    sims.callbacks += [StopAfter(stop_after + 1)] if stop_after else []
+    folder = RunFolder(out)
     results: list = []
     with contextlib.suppress(Interrupt):
         for result in sims.iterate():
@@ -116,20 +124,20 @@ def test_a_run_writes_every_observed_layer_of_every_iteration(tiny4, tmp_path: P
     for result in results:
         t, n_pairs = result.iteration, len(result.selection.pairs)
         loaded = folder.load_observed(t)
-        assert isinstance(loaded, ObservedActivations) and loaded.iteration == t
-        assert loaded.hooks == result.observed_hooks == EVERY
-        assert loaded.layers == result.observed_layers == [0, 1, 2, 3]
-        assert loaded.groups == result.groups == _pair_prompts(folder, t)
-        assert result.groups == [p.positive.prompt_id for p in result.selection.pairs]
-        assert loaded.positives.shape == loaded.negatives.shape == (n_pairs, 4, 64)
-        assert loaded.positives.dtype == loaded.negatives.dtype == torch.float32
-        assert torch.equal(loaded.positives, result.observed_positives)
-        assert torch.equal(loaded.negatives, result.observed_negatives)
+        assert isinstance(loaded, PairActivations) and loaded.iteration == t
+        assert loaded.observed_hooks == result.activations.observed_hooks == EVERY
+        assert loaded.observed_layers == result.activations.observed_layers == [0, 1, 2, 3]
+        assert loaded.prompt_ids == result.activations.prompt_ids == _pair_prompts(folder, t)
+        assert result.activations.prompt_ids == [p.positive.prompt_id for p in result.selection.pairs]
+        assert loaded.observed_positives.shape == loaded.observed_negatives.shape == (n_pairs, 4, 64)
+        assert loaded.observed_positives.dtype == loaded.observed_negatives.dtype == torch.float32
+        assert torch.equal(loaded.observed_positives, result.activations.observed_positives)
+        assert torch.equal(loaded.observed_negatives, result.activations.observed_negatives)
         # the steered layer is one of the observed ones, with the very means the metrics used
         assert result.hooks == ["blocks.1.hook_resid_post"]
-        assert torch.equal(result.observed_positives[:, 1], result.positives[:, 0])
-        assert torch.equal(result.observed_negatives[:, 1], result.negatives[:, 0])
-        assert not torch.equal(result.observed_positives[:, 0], result.observed_positives[:, 1])
+        assert torch.equal(result.activations.observed_positives[:, 1], result.activations.reduced()[0][:, 0])
+        assert torch.equal(result.activations.observed_negatives[:, 1], result.activations.reduced()[1][:, 0])
+        assert not torch.equal(result.activations.observed_positives[:, 0], result.activations.observed_positives[:, 1])
         with safe_open(str(folder.observed_path(t)), framework="pt") as handle:
             assert sorted(handle.keys()) == ["negatives", "positives"]
             meta = json.loads(handle.metadata()["sims_lens"])
@@ -140,37 +148,49 @@ def test_observing_a_list_of_layers_records_their_token_means(tiny4):
     model, tok = tiny4
     sims = tiny_sims(tiny4, layers=[2], observe=[0, 2], iterations=1)
     [result] = list(sims.iterate())
-    assert result.observed_hooks == ["blocks.0.hook_resid_post", "blocks.2.hook_resid_post"]
-    assert result.observed_positives.shape == (len(result.selection.pairs), 2, 64)
-    assert torch.equal(result.observed_positives[:, 1], result.positives[:, 0])  # the steered layer, captured once
-    for side, observed in (("positive", result.observed_positives), ("negative", result.observed_negatives)):
+    assert result.activations.observed_hooks == ["blocks.0.hook_resid_post", "blocks.2.hook_resid_post"]
+    assert result.activations.observed_positives.shape == (len(result.selection.pairs), 2, 64)
+    assert torch.equal(
+        result.activations.observed_positives[:, 1], result.activations.reduced()[0][:, 0]
+    )  # the steered layer, captured once
+    for side, observed in (
+        ("positive", result.activations.observed_positives),
+        ("negative", result.activations.observed_negatives),
+    ):
         exchanges = [getattr(pair, side).exchange for pair in result.selection.pairs]
         tokens = capture_tokens(
             model, exchanges, ["blocks.0.hook_resid_post"], tok.pad_token_id, 8, end_ids=end_token_ids(tok)
         )
         torch.testing.assert_close(observed[:, 0], reduce_tokens(tokens, "mean")[:, 0], atol=1e-5, rtol=1e-5)
     # Sims.capture still gives the steered tokens alone, as before
-    positives, negatives = sims.capture(1, result.selection, result.hooks)
-    assert torch.equal(reduce_tokens(positives, "mean"), result.positives)
-    assert torch.equal(reduce_tokens(negatives, "mean"), result.negatives)
+    alone = sims.capture(1, result.selection, result.hooks)
+    assert alone.observed_hooks == []
+    for mine, theirs in zip(alone.reduced(), result.activations.reduced(), strict=True):
+        assert torch.equal(mine, theirs)
 
 
 def test_top_k_keeps_every_observed_layer_in_the_batch_it_reuses(tiny4):
     sims = tiny_sims(tiny4, layers="top:1", iterations=1, prompts_per_iteration=8)
     [result] = list(sims.iterate())
     [layer] = sims.state.layers
-    assert result.hooks == [f"blocks.{layer}.hook_resid_post"] and result.observed_hooks == EVERY
-    assert result.observed_positives.shape == (len(result.selection.pairs), 4, 64)
-    torch.testing.assert_close(result.observed_positives[:, layer], result.positives[:, 0], atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(result.observed_negatives[:, layer], result.negatives[:, 0], atol=1e-6, rtol=1e-6)
+    assert result.hooks == [f"blocks.{layer}.hook_resid_post"] and result.activations.observed_hooks == EVERY
+    assert result.activations.observed_positives.shape == (len(result.selection.pairs), 4, 64)
+    torch.testing.assert_close(
+        result.activations.observed_positives[:, layer], result.activations.reduced()[0][:, 0], atol=1e-6, rtol=1e-6
+    )
+    torch.testing.assert_close(
+        result.activations.observed_negatives[:, layer], result.activations.reduced()[1][:, 0], atol=1e-6, rtol=1e-6
+    )
 
 
 def test_observe_none_gives_empty_observed_tensors_and_no_file(tiny, tmp_path: Path):
     folder, [result] = _run(tiny, tmp_path / "run", observe="none", iterations=1)
     n_pairs = len(result.selection.pairs)
-    assert result.observed_hooks == [] and result.observed_layers == []
-    assert result.observed_positives.shape == result.observed_negatives.shape == (n_pairs, 0, 64)
-    assert result.groups == [p.positive.prompt_id for p in result.selection.pairs]
+    assert result.activations.observed_hooks == [] and result.activations.observed_layers == []
+    assert (
+        result.activations.observed_positives.shape == result.activations.observed_negatives.shape == (n_pairs, 0, 64)
+    )
+    assert result.activations.prompt_ids == [p.positive.prompt_id for p in result.selection.pairs]
     assert folder.completed_iterations == 1
     assert not folder.observed_dir.exists() and folder.observed_iterations() == [] and folder.load_observed(1) is None
 
@@ -185,8 +205,8 @@ def test_a_resumed_run_keeps_the_observed_files_of_finished_iterations(tiny4, tm
     assert folder.observed_iterations() == [1, 2] and folder.observed_path(1).read_bytes() == first
     for t in (1, 2):
         loaded = folder.load_observed(t)
-        assert loaded is not None and loaded.groups == _pair_prompts(folder, t)
-        assert loaded.positives.shape == (len(loaded.groups), 4, 64)
+        assert loaded is not None and loaded.prompt_ids == _pair_prompts(folder, t)
+        assert loaded.observed_positives.shape == (len(loaded.prompt_ids), 4, 64)
 
 
 # ---------------------------------------------------------------- the observed files
@@ -197,18 +217,29 @@ def _activations(n_pairs: int = 3, n_hooks: int = 2, d: int = 8, seed: int = 0) 
     return torch.randn(n_pairs, n_hooks, d, generator=g), torch.randn(n_pairs, n_hooks, d, generator=g)
 
 
+def _observed(iteration: int, hooks, pos, neg, prompt_ids) -> PairActivations:
+    return PairActivations(
+        iteration, list(prompt_ids), observed_hooks=list(hooks), observed_positives=pos, observed_negatives=neg
+    )
+
+
 def test_observed_files_round_trip_and_respect_completed_iterations(tmp_path: Path):
     folder, _, _ = open_run(tmp_path / "run", SimsConfig(), resume=False)
     hooks, groups = ["blocks.0.hook_resid_post", "blocks.3.hook_resid_post"], ["p1", "p2", "p1"]
     pos, neg = _activations()
-    path = folder.save_observed(1, hooks, pos, neg, groups)
+    path = folder.save_observed(_observed(1, hooks, pos, neg, groups))
     assert path == folder.observed_path(1) == tmp_path / "run" / "observed" / "iter_001.safetensors"
     assert folder.load_observed(1) is None and folder.observed_iterations() == []  # not finished yet
     folder.finish_iteration(1, [15])
     loaded = folder.load_observed(1)
     assert loaded is not None
-    assert (loaded.iteration, loaded.hooks, loaded.layers, loaded.groups) == (1, hooks, [0, 3], groups)
-    assert torch.equal(loaded.positives, pos) and torch.equal(loaded.negatives, neg)
+    assert (loaded.iteration, loaded.observed_hooks, loaded.observed_layers, loaded.prompt_ids) == (
+        1,
+        hooks,
+        [0, 3],
+        groups,
+    )
+    assert torch.equal(loaded.observed_positives, pos) and torch.equal(loaded.observed_negatives, neg)
     with safe_open(str(path), framework="pt") as handle:
         meta = json.loads(handle.metadata()["sims_lens"])
     assert meta == {
@@ -217,20 +248,20 @@ def test_observed_files_round_trip_and_respect_completed_iterations(tmp_path: Pa
         "iteration": 1,
         "hooks": hooks,
         "layers": [0, 3],
-        "groups": groups,
+        "prompt_ids": groups,
     }
     first = path.read_bytes()
-    folder.save_observed(1, hooks, pos.clone(), neg.clone(), groups)
+    folder.save_observed(_observed(1, hooks, pos.clone(), neg.clone(), groups))
     assert path.read_bytes() == first  # deterministic, so a resumed run writes the same bytes
     assert not list(folder.observed_dir.glob(".*"))  # no temporary file left behind
 
     # an iteration that crashed before finishing: ignored by readers, dropped when the run is reopened
-    folder.save_observed(2, hooks, pos, neg, groups)
+    folder.save_observed(_observed(2, hooks, pos, neg, groups))
     assert folder.observed_iterations() == [1] and folder.load_observed(2) is None
     reopened, _, done = open_run(folder.path, None, resume=True)
     assert done == 1 and not folder.observed_path(2).exists() and reopened.observed_iterations() == [1]
     again = reopened.load_observed(1)
-    assert again is not None and torch.equal(again.positives, pos)
+    assert again is not None and torch.equal(again.observed_positives, pos)
     assert reopened.load_observed(7) is None
 
 
@@ -239,15 +270,15 @@ def test_save_observed_refuses_what_does_not_fit_and_load_refuses_a_foreign_file
     pos, neg = _activations()
     hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
     with pytest.raises(ValueError, match="no observed hooks"):
-        folder.save_observed(1, [], pos[:, :0], neg[:, :0], ["a", "b", "c"])
-    with pytest.raises(ValueError, match="do not match"):
-        folder.save_observed(1, hooks[:1], pos, neg, ["a", "b", "c"])
-    with pytest.raises(ValueError, match="do not match"):
-        folder.save_observed(1, hooks, pos, neg, ["a", "b"])
+        folder.save_observed(PairActivations(1, ["a", "b", "c"]))
+    with pytest.raises(ValueError, match="2 observed layers of activations but 1 hook names"):
+        folder.save_observed(_observed(1, hooks[:1], pos, neg, ["a", "b", "c"]))
+    with pytest.raises(ValueError, match="2 prompt ids for 3 pairs"):
+        folder.save_observed(_observed(1, hooks, pos, neg, ["a", "b"]))
     with pytest.raises(ValueError, match="alike"):
-        folder.save_observed(1, hooks, pos, neg[:2], ["a", "b", "c"])
+        folder.save_observed(_observed(1, hooks, pos, neg[:2], ["a", "b", "c"]))
     with pytest.raises(ValueError, match=r"blocks\.L"):
-        folder.save_observed(1, ["hook_embed", hooks[1]], pos, neg, ["a", "b", "c"])
+        folder.save_observed(_observed(1, ["hook_embed", hooks[1]], pos, neg, ["a", "b", "c"]))
     assert not folder.observed_dir.exists()
     folder.observed_dir.mkdir()
     folder.observed_path(1).write_bytes(b"not a safetensors file")

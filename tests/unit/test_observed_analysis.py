@@ -23,7 +23,6 @@ from analysis.live import LiveAnalysis, live_callbacks, write_run_lens
 from analysis.logit_lens import LENS_COLUMNS, direction_logits, lens_rows, logit_lens, read_lens, replace_lens
 from analysis.observed import (
     OBSERVED_METRICS,
-    Observed,
     candidate_cosines,
     candidates,
     observed_of,
@@ -42,6 +41,7 @@ from analysis.observed_figures import (
 from analysis.pages import index_html, lens_table_html
 from analysis.plots import MAX_TEXT_ROWS
 from analysis.run_data import RunData
+from sims_lens.activations import PairActivations
 from sims_lens.generation import GenerationSettings
 from sims_lens.metrics import tidy_metrics
 from sims_lens.prompts import Prompt
@@ -63,7 +63,7 @@ def synthetic_observed(
     planted: int | None = 5,
     shift: float = 6.0,
     seed: int = 0,
-) -> Observed:
+) -> PairActivations:
     """H+ and H- share a small per-prompt offset and differ only at ``planted`` (by ``shift`` along axis 0)."""
     g = torch.Generator().manual_seed(seed)
     n = prompts * pairs_per_prompt
@@ -77,7 +77,14 @@ def synthetic_observed(
     return Observed(iteration, [hook(layer) for layer in range(n_layers)], pos, neg, groups)
 
 
-def exact_observed(iteration: int, vectors: list[torch.Tensor], layers: list[int], seed: int = 0) -> Observed:
+def Observed(iteration: int, hooks: list[str], pos: torch.Tensor, neg: torch.Tensor, prompt_ids) -> PairActivations:
+    """Observed activations alone (no steered hooks), as a run folder keeps them."""
+    return PairActivations(
+        iteration, list(prompt_ids), observed_hooks=hooks, observed_positives=pos, observed_negatives=neg
+    )
+
+
+def exact_observed(iteration: int, vectors: list[torch.Tensor], layers: list[int], seed: int = 0) -> PairActivations:
     """H+ = H- + vectors[l] for every pair: the candidate at each layer is exactly that vector."""
     g = torch.Generator().manual_seed(seed)
     neg = torch.randn(6, len(layers), vectors[0].shape[0], generator=g)
@@ -126,7 +133,7 @@ def test_candidate_cosines_to_previous_first_and_steered_direction():
         "candidate_cos_first",
         "candidate_cos_steered",
     }
-    one_prompt = Observed(1, first.hooks, first.positives, first.negatives, ["p"] * 6)
+    one_prompt = Observed(1, first.observed_hooks, first.observed_positives, first.observed_negatives, ["p"] * 6)
     nan = {r["metric"]: r["value"] for r in observed_rows(one_prompt, seed=0) if r["layer"] == 0}
     assert math.isnan(nan["probe_accuracy"]) and math.isnan(nan["fisher_ratio"]) and nan["candidate_norm"] > 0
     matrix = candidate_cosines(summarize(second))
@@ -136,7 +143,7 @@ def test_candidate_cosines_to_previous_first_and_steered_direction():
 def test_plane_puts_the_mean_difference_on_x():
     observed = synthetic_observed(planted=5)
     n = observed.n_pairs
-    x, y = plane(observed.positives[:, 5], observed.negatives[:, 5])
+    x, y = plane(observed.observed_positives[:, 5], observed.observed_negatives[:, 5])
     assert x.shape == y.shape == (2 * n,)
     norm = float(candidates(observed)[5].norm())
     assert float(x[:n].mean() - x[n:].mean()) == pytest.approx(norm, rel=1e-4)
@@ -145,27 +152,31 @@ def test_plane_puts_the_mean_difference_on_x():
     summary = summarize(observed)
     frame = summary.projection
     assert len(frame) == 8 * 2 * n and set(frame["side"]) == {"H+", "H-"}
-    assert set(frame["group"]) == set(observed.groups) and summary.candidates.shape == (8, 16)
+    assert set(frame["group"]) == set(observed.prompt_ids) and summary.candidates.shape == (8, 16)
 
 
 def test_observed_of_reads_an_iteration_result_and_checks_shapes():
     observed = synthetic_observed(n_layers=3, planted=2)
-
-    @dataclass
-    class Result:
-        iteration: int = 4
-        observed_hooks: list[str] = field(default_factory=lambda: observed.hooks)
-        observed_positives: torch.Tensor = observed.positives
-        observed_negatives: torch.Tensor = observed.negatives
-        groups: list[str] = field(default_factory=lambda: list(observed.groups))
-
-    got = observed_of(Result())
-    assert got is not None and got.iteration == 4 and got.hooks == observed.hooks and got.n_pairs == 24
-    assert observed_of(object()) is None  # an older loop's result: nothing observed
+    result = FakeResult(4, SteeringSet(), SteeringSet(), activations=observed)
+    got = observed_of(result)
+    assert got is observed and got.n_pairs == 24
+    assert observed_of(FakeResult(4, SteeringSet(), SteeringSet())) is None  # a loop that observes nothing
     with pytest.raises(ValueError, match="hook names"):
-        Observed(1, observed.hooks[:2], observed.positives, observed.negatives, observed.groups)
-    with pytest.raises(ValueError, match="groups"):
-        Observed(1, observed.hooks, observed.positives, observed.negatives, observed.groups[:3])
+        Observed(
+            1,
+            observed.observed_hooks[:2],
+            observed.observed_positives,
+            observed.observed_negatives,
+            observed.prompt_ids,
+        )
+    with pytest.raises(ValueError, match="prompt ids"):
+        Observed(
+            1,
+            observed.observed_hooks,
+            observed.observed_positives,
+            observed.observed_negatives,
+            observed.prompt_ids[:3],
+        )
 
 
 # -- the logit lens ------------------------------------------------------------------------------
@@ -484,10 +495,7 @@ class FakeResult:
     policy: SteeringSet
     fitted: SteeringSet
     metrics: list[dict[str, Any]] = field(default_factory=list)
-    observed_hooks: list[str] | None = None
-    observed_positives: torch.Tensor | None = None
-    observed_negatives: torch.Tensor | None = None
-    groups: list[str] | None = None
+    activations: PairActivations = field(default_factory=lambda: PairActivations(0, []))
 
 
 def fake_result(iteration: int, d_model: int, observed: bool = True) -> FakeResult:
@@ -500,8 +508,7 @@ def fake_result(iteration: int, d_model: int, observed: bool = True) -> FakeResu
     ]
     result = FakeResult(iteration, policy, policy, train)
     if observed:
-        result.observed_hooks, result.groups = obs.hooks, list(obs.groups)
-        result.observed_positives, result.observed_negatives = obs.positives, obs.negatives
+        result.activations = obs
     return result
 
 
@@ -563,11 +570,10 @@ def test_older_results_without_observed_data_keep_working(tiny, tmp_path, capsys
 
 def test_a_steered_layer_that_is_not_observed_keeps_the_loops_separability(tmp_path):
     result = fake_result(1, 16)  # steers layer 1; here only layer 0 is observed
-    assert result.observed_hooks is not None and result.observed_positives is not None
-    assert result.observed_negatives is not None
-    result.observed_hooks = result.observed_hooks[:1]
-    result.observed_positives = result.observed_positives[:, :1]
-    result.observed_negatives = result.observed_negatives[:, :1]
+    obs = result.activations
+    result.activations = Observed(
+        1, obs.observed_hooks[:1], obs.observed_positives[:, :1], obs.observed_negatives[:, :1], obs.prompt_ids
+    )
     LiveAnalysis(tmp_path / "run", figures=False).on_iteration(result)
     frame = pd.read_csv(tmp_path / "run" / "analysis_metrics.csv")
     accuracy = frame[frame["metric"] == "probe_accuracy"].set_index("layer")["value"]

@@ -13,9 +13,10 @@ import torch
 
 from sims_lens.metrics import HELDOUT_METRICS
 from sims_lens.oracles import make_oracle
-from sims_lens.run import RunWriter, restore_state, sims_from_config
+from sims_lens.run import RunWriter, restore_state
 from sims_lens.run_folder import RunFolder, open_run
 from sims_lens.steering.hooks import active_hook_count
+from sims_lens.validation import ConfigError
 from tests.helpers import TRAIN, Interrupt, LetterOracle, StopAfter, tiny_sims
 
 
@@ -60,12 +61,29 @@ def test_a_prompt_pool_revisits_prompts_on_a_schedule(tiny):
     assert ids[0] != ids[1] and ids[2] == ids[0] and len(set(ids[0] + ids[1])) == 4
 
 
-def test_contrast_sampling_refuses_a_relative_oracle(tiny):
+def rank_oracle(prompts, responses):
+    """A plain function oracle whose scores only rank one prompt's responses (relative)."""
+    return [[float(sorted(group).index(r)) for r in group] for group in responses]
+
+
+def test_contrast_sampling_with_a_relative_oracle_is_one_message_on_every_path(tiny, tmp_path, capsys, monkeypatch):
+    from sims_lens.cli import main
+    from sims_lens.loop import Sims
+
     model, tok = tiny
-    config = tiny_sims(tiny, contrast_sampling=True).config
-    config.oracle = "self_judge"
-    with pytest.raises(ValueError, match="relative scores"):
-        sims_from_config(config, model=model, tokenizer=tok)
+    with pytest.raises(ConfigError, match="relative scores") as direct:
+        tiny_sims(tiny, rank_oracle, oracle_relative=True, contrast_sampling=True)
+    assert "'rank_oracle' only ranks the responses" in str(direct.value) and "\n" not in str(direct.value)
+    settings = {"layers": [0], "observe": "none", "contrast_sampling": True}
+    with pytest.raises(ConfigError) as named:
+        Sims(model, tok, oracle="self_judge", **settings)
+    monkeypatch.setattr("sims_lens.models.load_model", lambda *args, **kwargs: (model, tok))
+    sets = ["layers=[0]", 'observe="none"', "contrast_sampling=true", 'oracle="self_judge"']
+    code = main(["run", "--out", str(tmp_path / "run"), *[arg for s in sets for arg in ("--set", s)]])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == f"error: {named.value}"  # the same one line
+    assert not (tmp_path / "run").exists()  # nothing written
+    assert tiny_sims(tiny, rank_oracle, oracle_relative=True).config.oracle == "rank_oracle"  # fine without
 
 
 def _spy(judge, model, calls: list[int]) -> None:
@@ -127,7 +145,7 @@ def _run(tiny, out: Path, stop_after: int | None = None, **settings) -> RunFolde
     sims = tiny_sims(tiny, **settings)
     resume = RunFolder(out).has_config()
     folder, _, _ = open_run(out, None if resume else sims.config, resume=resume)
-    sims.state = restore_state(folder, sims)
+    sims.state = restore_state(folder, sims.config, sims.model, sims.tokenizer)
     sims.callbacks = [RunWriter(folder, sims.model)] + ([StopAfter(stop_after + 1)] if stop_after else [])
     with contextlib.suppress(Interrupt):
         list(sims.iterate())
@@ -171,8 +189,8 @@ def test_top_k_finds_the_layer_where_a_difference_was_planted(tmp_path: Path):
     class Planted(Sims):
         """The model's activations of preferred responses carry an extra direction at one layer."""
 
-        def capture_pairs(self, iteration, selection, hooks, observed=()):
-            captured = super().capture_pairs(iteration, selection, hooks, observed)
+        def capture(self, iteration, selection, hooks, observed=()):
+            captured = super().capture(iteration, selection, hooks, observed)
             if f"blocks.{planted}.hook_resid_post" in hooks:
                 i = hooks.index(f"blocks.{planted}.hook_resid_post")
                 for t in captured.positives:
@@ -180,7 +198,15 @@ def test_top_k_finds_the_layer_where_a_difference_was_planted(tmp_path: Path):
             return captured
 
     base = tiny_sims((model, tok), NoiseOracle(), iterations=1, prompts_per_iteration=8, layers="top:1")
-    sims = Planted(model, tok, base.config, TRAIN, base.heldout_prompts, NoiseOracle(), base.learner, progress=False)
+    sims = Planted(
+        model,
+        tok,
+        config=base.config,
+        oracle=NoiseOracle(),
+        prompts=TRAIN,
+        heldout_prompts=base.heldout_prompts,
+        progress=False,
+    )
     [result] = list(sims.iterate())
     assert sims.state.layers == [planted] and result.hooks == [f"blocks.{planted}.hook_resid_post"]
 

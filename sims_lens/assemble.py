@@ -1,0 +1,180 @@
+"""What a run is made of, from Python objects or names: configuration, oracle, learner, prompts, checks.
+
+:class:`~sims_lens.loop.Sims` takes keyword settings, objects or registered names; this module turns
+them into the parts the loop uses, and :func:`check_run` holds every check that needs more than one
+setting (or the model, or the prompts), so each way into the loop (the CLI, notebooks, tests) runs
+the same checks with the same messages. Nothing here changes the configuration it is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sims_lens.config import SimsConfig, config_from_dict, resolve_layers, resolve_observe
+from sims_lens.oracles.base import is_relative, make_oracle
+from sims_lens.oracles.function import FunctionOracle, function_name
+from sims_lens.prompts import BUILTIN, Prompt, load_prompts
+from sims_lens.steering.functions import SteeringSet
+from sims_lens.steering.io import steering_metadata
+from sims_lens.steering.learners import Learner, make_learner
+from sims_lens.update_rules import DEFAULT_RATE
+from sims_lens.validation import ConfigError
+
+PromptSource = str | os.PathLike[str] | Sequence[str | Prompt] | None
+"""Prompts as a list of strings or :class:`Prompt`, a file path, ``"builtin"`` or ``"hf:NAME[:SPLIT]"``."""
+
+
+def build_config(config: SimsConfig | None, settings: Mapping[str, Any]) -> SimsConfig:
+    """A new, validated configuration: ``config`` (or the defaults) with keyword ``settings`` on top.
+
+    The keys and messages are the TOML keys' (an unknown key names the known ones); a nested
+    table is a dict or its dataclass. ``config`` itself is never changed.
+    """
+    data: dict[str, Any] = {}
+    if config is not None:
+        data = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        if (
+            "update" in settings
+            and "update_rate" not in settings
+            and data["update_rate"] == DEFAULT_RATE.get(config.update, 1.0)
+        ):
+            data["update_rate"] = None  # the old rule's default rate: the new rule takes its own
+    data.update(settings)
+    return config_from_dict(data)
+
+
+def resolve_oracle(
+    spec: Any, config: SimsConfig, model: Any, tokenizer: Any, *, relative: bool | None = None, key: str = "oracle"
+) -> Any:
+    """An oracle from a registered name, an object with ``score``, or a callable ``f(prompts, responses)``.
+
+    ``relative`` applies to a callable (default: absolute); an object declares ``relative`` itself.
+    """
+    if isinstance(spec, str):
+        return make_oracle(spec, config.oracles.get(spec, {}), model=model, tokenizer=tokenizer)
+    if callable(getattr(spec, "score", None)):
+        if relative is not None and relative != is_relative(spec):
+            raise ConfigError(
+                f"{key}_relative = {relative} contradicts the oracle object, whose 'relative' is {is_relative(spec)}; "
+                f"leave {key}_relative out for an object with a score method (it applies to plain functions)"
+            )
+        return spec
+    if callable(spec):
+        return FunctionOracle(spec, relative=bool(relative))
+    raise ConfigError(
+        f"{key} = {spec!r} is not allowed; use a registered oracle name, an object with a score(prompts, responses) "
+        "method, or a function f(prompts, responses) -> one list of scores per prompt"
+    )
+
+
+def oracle_name(oracle: Any) -> str:
+    """The name a configuration records for an oracle object or function."""
+    return str(getattr(oracle, "name", "") or function_name(getattr(oracle, "fn", oracle)))
+
+
+def resolve_learner(spec: Any, config: SimsConfig) -> Learner:
+    """A learner from its registered name (with its ``[learners.NAME]`` settings) or a learner object."""
+    if spec is None or isinstance(spec, str):
+        name = config.learner if spec is None else spec
+        return make_learner(name, config.learners.get(name, {}))
+    if callable(getattr(spec, "fit", None)) and hasattr(spec, "inputs"):
+        return spec
+    raise ConfigError(
+        f"learner = {spec!r} is not allowed; use a registered learner name or an object with inputs and "
+        "fit(pos, neg, hook) -> SteeringFunction"
+    )
+
+
+def resolve_prompts(source: PromptSource, split: str, key: str) -> list[Prompt]:
+    """Prompts from a list of strings or :class:`Prompt`, a file, ``builtin`` (its ``split``) or ``hf:``.
+
+    Strings get ids ``p0001, ...`` for training and ``h0001, ...`` for held-out prompts.
+    """
+    if source is None or isinstance(source, str | os.PathLike):
+        source = BUILTIN if source is None else check_not_marker(os.fspath(source), key)
+        return load_prompts(source, split if source == BUILTIN else None)
+    if not isinstance(source, Sequence) or not source:
+        raise ConfigError(
+            f"{key}: got {source!r}; use a non-empty list of strings or Prompts, a file path or 'hf:NAME'"
+        )
+    prefix = "h" if split == "heldout" else "p"
+    prompts = []
+    for i, item in enumerate(source):
+        if isinstance(item, Prompt):
+            prompts.append(item)
+        elif isinstance(item, str) and item.strip():
+            prompts.append(Prompt(f"{prefix}{i + 1:04d}", item))
+        else:
+            raise ConfigError(f"{key}[{i}] = {item!r} is not allowed; use non-empty text or a Prompt")
+    ids = [p.id for p in prompts]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(
+            f"{key}: prompt ids repeat ({sorted({i for i in ids if ids.count(i) > 1})[:3]}); give each its own"
+        )
+    return prompts
+
+
+GIVEN = "python:"
+"""How a configuration names what was given as a Python object (it cannot be loaded from the name)."""
+
+
+def given_marker(value: Any) -> str:
+    """The configuration's record of prompts or a steering set given as objects: kind, size and a content hash.
+
+    Runs given the same objects record the same text (their configurations still compare equal).
+    """
+    if isinstance(value, SteeringSet):
+        digest = hashlib.sha256(json.dumps(steering_metadata(value), sort_keys=True).encode())
+        for fn in value:
+            for key in sorted(fn.params):
+                digest.update(fn.params[key].detach().float().cpu().numpy().tobytes())
+        return f"{GIVEN}steering set {digest.hexdigest()[:12]}"
+    text = json.dumps([[p.id, p.text] for p in value])
+    return f"{GIVEN}{len(value)} prompts {hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def check_not_marker(source: str, key: str) -> str:
+    """``source``, unless it records an object given in Python (which only Python can give again)."""
+    if source.startswith(GIVEN):
+        raise ConfigError(
+            f"{key} = {source!r} was given as a Python object when the run was made; pass it again "
+            f"(Sims(..., {key}=...)) or give a file instead"
+        )
+    return source
+
+
+def check_run(
+    config: SimsConfig, oracle: Any, train: Sequence[Prompt], heldout: Sequence[Prompt], n_layers: int
+) -> None:
+    """Every check that joins settings with each other, the model or the prompts (one message each)."""
+    if not heldout:
+        raise ConfigError("heldout_prompts: no held-out prompts; the loop measures every policy on them")
+    if config.prompts == config.heldout_prompts and config.prompts != BUILTIN:
+        raise ConfigError("prompts and heldout_prompts are the same file; evaluate on prompts the loop never trains on")
+    shared = {p.text for p in train} & {p.text for p in heldout}
+    if shared:
+        raise ConfigError(
+            f"{len(shared)} held-out prompt(s) are also training prompts (e.g. {sorted(shared)[0]!r}); "
+            "evaluate on prompts the loop never trains on"
+        )
+    if len(train) < config.prompts_per_iteration:
+        raise ConfigError(
+            f"prompts_per_iteration = {config.prompts_per_iteration} but there are only {len(train)} training prompts; "
+            "lower prompts_per_iteration or give more prompts"
+        )
+    if config.pool_size is not None and config.pool_size > len(train):
+        raise ConfigError(f"prompt_pool = {config.pool_size} but there are only {len(train)} training prompts")
+    resolve_layers(config.layers, n_layers)  # a layer the model lacks fails here, before any work
+    resolve_observe(config.observe, n_layers)
+    if config.contrast_sampling and is_relative(oracle):
+        raise ConfigError(
+            f"contrast_sampling compares rewards across iterations, but the oracle {oracle_name(oracle)!r} only ranks "
+            "the responses of one prompt against each other (relative scores); turn contrast_sampling off or use an "
+            "absolute oracle (lexicon_sentiment, reward_model, embedding_similarity, or a composite of them with "
+            "normalize = 'none')"
+        )
