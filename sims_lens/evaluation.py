@@ -142,7 +142,7 @@ def head_to_head(
     k = samples_per_prompt
     joint = [b + p for b, p in zip(base.groups(k), policy.groups(k), strict=True)]
     scores = oracle.score([p.text for p in prompts], joint)
-    return win_rate([s for g in scores for s in g[k:]], [s for g in scores for s in g[:k]])
+    return pooled_win_rate([s for g in scores for s in g[k:]], [s for g in scores for s in g[:k]])
 
 
 def heldout_seed(seed: int) -> int:
@@ -150,8 +150,11 @@ def heldout_seed(seed: int) -> int:
     return derive_seed(seed, "heldout")
 
 
-def win_rate(policy: Sequence[float], base: Sequence[float]) -> float:
-    """Fraction of paired samples where the policy's reward beats the base's (ties count half)."""
+def pooled_win_rate(policy: Sequence[float], base: Sequence[float]) -> float:
+    """Fraction of all paired samples where the policy's reward beats the base's (ties count half).
+
+    Pooled over every pair; :func:`sims_lens.stats.prompt_mean_win_rate` averages per-prompt fractions.
+    """
     if len(policy) != len(base) or not policy:
         raise ValueError("win rate needs the same, non-zero number of policy and base rewards")
     return float(np.nanmean(win_outcomes(policy, base)))

@@ -163,8 +163,10 @@ def win_fractions(policy: ArrayLike, base: ArrayLike) -> np.ndarray:
         return np.nansum(outcome, axis=1) / np.where(present > 0, present, np.nan)
 
 
-def win_rate(policy_scores: ArrayLike, base_scores: ArrayLike) -> float:
+def prompt_mean_win_rate(policy_scores: ArrayLike, base_scores: ArrayLike) -> float:
     """The policy's win rate over the base model: the mean over prompts of :func:`win_fractions`.
+
+    (:func:`sims_lens.evaluation.pooled_win_rate` pools all pairs instead.)
 
     ``[n_prompts, n_samples]`` arrays, or 1-D arrays of paired scores (one sample per prompt). With
     no missing scores this is the fraction of all pairs won (ties 1/2), and it always equals

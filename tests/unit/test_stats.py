@@ -13,10 +13,10 @@ from sims_lens.stats import (
     bootstrap_ratio,
     distinct_n,
     paired_difference,
+    prompt_mean_win_rate,
     ratio,
     token_weighted_perplexity,
     win_fractions,
-    win_rate,
 )
 
 
@@ -128,9 +128,9 @@ def test_bad_inputs_give_a_clear_value_error(call, message):
 
 def test_win_rate_against_itself_is_one_half():
     scores = np.random.default_rng(9).normal(size=(10, 4))
-    assert win_rate(scores, scores) == 0.5
+    assert prompt_mean_win_rate(scores, scores) == 0.5
     assert np.all(win_fractions(scores, scores) == 0.5)
-    assert win_rate(scores[:, 0], scores[:, 0]) == 0.5
+    assert prompt_mean_win_rate(scores[:, 0], scores[:, 0]) == 0.5
 
 
 def test_win_fractions_count_ties_as_half_and_leave_out_missing_pairs():
@@ -138,15 +138,15 @@ def test_win_fractions_count_ties_as_half_and_leave_out_missing_pairs():
     base = np.array([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [1.0, 5.0, 0.0]])
     fractions = win_fractions(policy, base)
     np.testing.assert_allclose(fractions, [2.5 / 3, 1.0 / 3, 1.5 / 2])
-    assert win_rate(policy, base) == pytest.approx((2.5 / 3 + 1.0 / 3 + 1.5 / 2) / 3)
-    assert win_rate(policy, base) == pytest.approx(bootstrap_ratio(fractions).value)
+    assert prompt_mean_win_rate(policy, base) == pytest.approx((2.5 / 3 + 1.0 / 3 + 1.5 / 2) / 3)
+    assert prompt_mean_win_rate(policy, base) == pytest.approx(bootstrap_ratio(fractions).value)
     assert np.isnan(win_fractions([[np.nan]], [[1.0]])[0])
 
 
 def test_win_rate_of_a_dominating_policy_is_one():
     base = np.random.default_rng(10).normal(size=(6, 3))
-    assert win_rate(base + 1.0, base) == 1.0
-    assert win_rate(base, base + 1.0) == 0.0
+    assert prompt_mean_win_rate(base + 1.0, base) == 1.0
+    assert prompt_mean_win_rate(base, base + 1.0) == 0.0
 
 
 def test_distinct_n_known_answers():
