@@ -79,10 +79,33 @@ def write_index(
 STYLE = """body{font-family:sans-serif;max-width:84em;margin:1.5em auto;padding:0 1em}
 table{border-collapse:collapse}th,td{padding:2px 10px;text-align:left;vertical-align:top}
 tr:nth-child(even){background:#f4f4f4}h2{margin-top:1.4em}
-.summary{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}.summary>div{flex:1 1 24em;min-width:20em}
-.summary>div.wide{flex:2 1 36em}.scroll{max-height:45vh;overflow:auto;border:1px solid #ddd}
+.summary{display:grid;grid-template-columns:minmax(0,3fr) minmax(0,5fr);gap:1em;align-items:start}
+@media (max-width:64em){.summary{grid-template-columns:minmax(0,1fr)}}
+.scroll{max-height:45vh;overflow:auto;border:1px solid #ddd}
 table.lens{font-size:85%}table.lens td{white-space:nowrap}table.lens thead th{position:sticky;top:0;background:#fff}
 .up code{color:#1a7f37}.down code{color:#b42318}code{background:#f6f8fa;padding:0 2px;margin-right:3px}"""
+"""The run pages' CSS. The summary is a grid of fixed column shares (not a flex row whose items grow
+into the room the later ones have not yet taken), so each summary figure's panel already has its final
+width when the figure's inline script draws it."""
+
+REFIT_SCRIPT = """<script>
+(function () {
+  if (!window.ResizeObserver || !window.Plotly) { return; }
+  document.querySelectorAll('.js-plotly-plot').forEach(function (gd) {
+    new ResizeObserver(function () {
+      if (gd._fullLayout && Math.abs(gd.clientWidth - gd._fullLayout.width) >= 1) {
+        Plotly.Plots.resize(gd).catch(function () {});
+      }
+    }).observe(gd);
+  });
+})();
+</script>"""
+"""Redraws a page's plotly figures whenever one's div is no longer as wide as the figure drawn in it.
+
+Plotly sizes a figure to its div once, when the figure's inline script runs during parsing (and
+again on a window resize); a div that changes width later (a vertical scrollbar appearing as the rest
+of the page arrives, the columns around it) would otherwise keep a figure wider or narrower than
+itself. Goes last in the ``<body>``."""
 
 
 def index_html(data: RunData, names: list[str], summary: pd.DataFrame, lens: pd.DataFrame | None = None) -> str:
@@ -124,6 +147,7 @@ the unembedding: top promoted (green) and suppressed (red) tokens, the latest {I
 <table>{rows}</table>
 <h2>Held-out metrics (iteration 0 = base model)</h2>
 {table}
+{REFIT_SCRIPT}
 </body></html>
 """
 
