@@ -52,7 +52,7 @@ OBSERVED_METRICS = [
 """The per-layer ``analysis`` rows :func:`observed_rows` writes for every observed layer."""
 
 SEPARABILITY_METRICS = ["probe_accuracy", "probe_accuracy_null", "fisher_ratio"]
-PROJECTION_COLUMNS = ["iteration", "hook", "layer", "side", "pair", "group", "x", "y"]
+PROJECTION_COLUMNS = ["iteration", "hook", "layer", "side", "pair", "prompt_id", "x", "y"]
 
 
 @dataclass
@@ -138,12 +138,12 @@ def plane(pos: Float[Tensor, "n d"], neg: Float[Tensor, "n d"]) -> tuple[Float[T
 
 
 def projection(observed: PairActivations) -> pd.DataFrame:
-    """:func:`plane` of every observed layer, tidy: ``iteration, hook, layer, side (H+ / H-), pair, group, x, y``."""
+    """:func:`plane` of every observed layer, tidy: ``iteration, hook, layer, side (H+ / H-), pair, prompt_id, x, y``."""
     n = observed.n_pairs
     frames = []
     sides = ["H+"] * n + ["H-"] * n
     pairs = list(range(n)) * 2
-    groups = [str(g) for g in observed.prompt_ids] * 2
+    prompt_ids = [str(g) for g in observed.prompt_ids] * 2
     for i, hook in enumerate(observed.observed_hooks):
         x, y = plane(observed.observed_positives[:, i], observed.observed_negatives[:, i])
         frames.append(
@@ -154,7 +154,7 @@ def projection(observed: PairActivations) -> pd.DataFrame:
                     "layer": layer_of(hook),
                     "side": sides,
                     "pair": pairs,
-                    "group": groups,
+                    "prompt_id": prompt_ids,
                     "x": x.numpy(),
                     "y": y.numpy(),
                 }

@@ -217,7 +217,7 @@ def observed_scatter_figure(summary: ObservedSummary, default_layer: int | None 
                     legendgroup=side,
                     visible=i == active,
                     marker={"color": colour, "size": 7, "opacity": 0.8},
-                    customdata=np.stack([rows["group"].astype(str), rows["pair"].astype(str)], axis=-1),
+                    customdata=np.stack([rows["prompt_id"].astype(str), rows["pair"].astype(str)], axis=-1),
                     hovertemplate="prompt %{customdata[0]}, pair %{customdata[1]}<br>x %{x:.3f}, y %{y:.3f}"
                     f"<extra>{side} {html.escape(hook_label(hook))}</extra>",
                 )

@@ -4,7 +4,7 @@ The one home of these measures: the loop ranks layers by :func:`probe_accuracy` 
 "top:K"``) and logs :func:`separability` per layer; ``analysis.separability`` tabulates them.
 
 Every measure is cross-validated over folds of *prompts*. ``pos[i]`` and ``neg[i]`` are the two
-responses of one pair, and ``groups[i]`` names its prompt: all rows of a prompt go to the same
+responses of one pair, and ``prompt_ids[i]`` names its prompt: all rows of a prompt go to the same
 fold (:func:`pair_folds`), so what is scored is always a prompt the probe or direction never saw.
 
 Speed (every observed layer is measured every iteration): a permutation of the null only relabels
@@ -31,8 +31,8 @@ from sims_lens.steering.learners.base import check_activations, unit
 from sims_lens.steering.learners.mean_diff import mean_difference
 from sims_lens.steering.learners.probe import fit_logistic_labels
 
-Groups = Sequence[Hashable] | None
-"""``groups[i]``: the prompt (any hashable id) of pair ``i``; ``None``: every pair is its own group."""
+PromptIds = Sequence[Hashable] | None
+"""``prompt_ids[i]``: the prompt (any hashable id) of pair ``i``; ``None``: every pair is its own prompt."""
 
 Folds = list[tuple[np.ndarray, np.ndarray]]
 """``(train, test)`` arrays of pair indices, one entry per fold."""
@@ -50,21 +50,23 @@ class Separability:
     """Fisher's criterion of the held-out rows along the training folds' mean difference."""
 
 
-def pair_folds(groups: Groups, n_pairs: int, *, folds: int = 5, seed: int = 0, name: str = "separability") -> Folds:
+def pair_folds(
+    prompt_ids: PromptIds, n_pairs: int, *, folds: int = 5, seed: int = 0, name: str = "separability"
+) -> Folds:
     """K-fold split of ``n_pairs`` pairs in which all pairs of a group (prompt) share one fold.
 
     The group labels are first renamed by a permutation drawn from ``derive_seed(seed, "folds")``
     (so which prompts share a fold changes with the seed, reproducibly), then split by
-    scikit-learn's ``GroupKFold`` into ``min(folds, number of groups)`` folds of balanced size (in
+    scikit-learn's ``GroupKFold`` into ``min(folds, number of prompts)`` folds of balanced size (in
     rows). Every group holds as many pos as neg rows, so every fold is class-balanced. Needs pairs
-    from at least 2 groups.
+    from at least 2 prompts.
     """
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
         raise ValueError(f"{name}: folds must be an integer >= 2, got {folds!r}")
-    codes = _group_codes(groups, n_pairs, name)
+    codes = _prompt_codes(prompt_ids, n_pairs, name)
     n_groups = int(codes.max()) + 1
     if n_groups < 2:
-        raise ValueError(f"{name}: needs pairs from at least 2 groups (prompts) to hold one out, got {n_groups} group")
+        raise ValueError(f"{name}: needs pairs from at least 2 prompts to hold one out, got {n_groups}")
     relabel = np.random.default_rng(derive_seed(seed, "folds")).permutation(n_groups)
     splitter = GroupKFold(n_splits=min(folds, n_groups))
     return [(train, test) for train, test in splitter.split(np.zeros(n_pairs), groups=relabel[codes])]
@@ -73,7 +75,7 @@ def pair_folds(groups: Groups, n_pairs: int, *, folds: int = 5, seed: int = 0, n
 def probe_accuracy(
     pos: Float[Tensor, "n d"],
     neg: Float[Tensor, "n d"],
-    groups: Groups = None,
+    prompt_ids: PromptIds = None,
     *,
     folds: int = 5,
     seed: int = 0,
@@ -90,7 +92,7 @@ def probe_accuracy(
     with one pair per prompt, above it with several). Compare with :func:`probe_accuracy_null`.
     """
     pos, neg = check_activations(pos, neg, paired=True, learner="probe_accuracy")
-    splits = pair_folds(groups, pos.shape[0], folds=folds, seed=seed, name="probe_accuracy")
+    splits = pair_folds(prompt_ids, pos.shape[0], folds=folds, seed=seed, name="probe_accuracy")
     [accuracy] = _cv_accuracies(pos, neg, splits, l2, np.zeros((1, pos.shape[0]), dtype=bool))
     return accuracy
 
@@ -98,7 +100,7 @@ def probe_accuracy(
 def probe_accuracy_null(
     pos: Float[Tensor, "n d"],
     neg: Float[Tensor, "n d"],
-    groups: Groups = None,
+    prompt_ids: PromptIds = None,
     *,
     folds: int = 5,
     seed: int = 0,
@@ -116,15 +118,15 @@ def probe_accuracy_null(
     """
     name = "probe_accuracy_null"
     pos, neg = check_activations(pos, neg, paired=True, learner=name)
-    splits = pair_folds(groups, pos.shape[0], folds=folds, seed=seed, name=name)
-    flips = _null_flips(_group_codes(groups, pos.shape[0], name), seed, repeats)
+    splits = pair_folds(prompt_ids, pos.shape[0], folds=folds, seed=seed, name=name)
+    flips = _null_flips(_prompt_codes(prompt_ids, pos.shape[0], name), seed, repeats)
     return float(np.mean(_cv_accuracies(pos, neg, splits, l2, flips)))
 
 
 def fisher_ratio(
     pos: Float[Tensor, "n d"],
     neg: Float[Tensor, "n d"],
-    groups: Groups = None,
+    prompt_ids: PromptIds = None,
     *,
     folds: int = 5,
     seed: int = 0,
@@ -140,13 +142,13 @@ def fisher_ratio(
     with no spread.
     """
     pos, neg = check_activations(pos, neg, paired=True, learner="fisher_ratio")
-    return _cv_fisher(pos, neg, pair_folds(groups, pos.shape[0], folds=folds, seed=seed, name="fisher_ratio"))
+    return _cv_fisher(pos, neg, pair_folds(prompt_ids, pos.shape[0], folds=folds, seed=seed, name="fisher_ratio"))
 
 
 def separability(
     pos: Float[Tensor, "n d"],
     neg: Float[Tensor, "n d"],
-    groups: Groups,
+    prompt_ids: PromptIds,
     *,
     seed: int,
     folds: int = 5,
@@ -155,13 +157,13 @@ def separability(
 ) -> Separability:
     """:func:`probe_accuracy`, :func:`probe_accuracy_null` and :func:`fisher_ratio` on the same folds.
 
-    ``groups[i]`` is the prompt of pair ``(pos[i], neg[i])`` (``None``: one prompt per pair). The
-    values equal the three functions' with the same ``groups``, ``folds``, ``seed`` (and ``l2``,
+    ``prompt_ids[i]`` is the prompt of pair ``(pos[i], neg[i])`` (``None``: one prompt per pair). The
+    values equal the three functions' with the same ``prompt_ids``, ``folds``, ``seed`` (and ``l2``,
     ``repeats``).
     """
     pos, neg = check_activations(pos, neg, paired=True, learner="separability")
-    codes = _group_codes(groups, pos.shape[0], "separability")
-    splits = pair_folds(groups, pos.shape[0], folds=folds, seed=seed)
+    codes = _prompt_codes(prompt_ids, pos.shape[0], "separability")
+    splits = pair_folds(prompt_ids, pos.shape[0], folds=folds, seed=seed)
     real = np.zeros((1, pos.shape[0]), dtype=bool)
     accuracy, *null = _cv_accuracies(pos, neg, splits, l2, np.concatenate([real, _null_flips(codes, seed, repeats)]))
     return Separability(
@@ -194,15 +196,19 @@ def separability_by_hook(
     return {hook: separability(positives[:, i], negatives[:, i], prompt_ids, seed=seed) for i, hook in enumerate(hooks)}
 
 
-def _group_codes(groups: Groups, n_pairs: int, name: str) -> np.ndarray:
-    """Group ids as integers 0.. in order of first appearance (``None``: ``0 .. n_pairs - 1``)."""
-    if groups is None:
+def _prompt_codes(prompt_ids: PromptIds, n_pairs: int, name: str) -> np.ndarray:
+    """Prompt ids as integers 0.. in order of first appearance (``None``: ``0 .. n_pairs - 1``)."""
+    if prompt_ids is None:
         return np.arange(n_pairs)
-    if isinstance(groups, (str, bytes)):
-        raise TypeError(f"{name}: groups must be a sequence with one group id per pair, got a {type(groups).__name__}")
-    labels = list(groups)
+    if isinstance(prompt_ids, (str, bytes)):
+        raise TypeError(
+            f"{name}: prompt_ids must be a sequence with one prompt id per pair, got a {type(prompt_ids).__name__}"
+        )
+    labels = list(prompt_ids)
     if len(labels) != n_pairs:
-        raise ValueError(f"{name}: groups has {len(labels)} entries but there are {n_pairs} pairs (one id per pair)")
+        raise ValueError(
+            f"{name}: prompt_ids has {len(labels)} entries but there are {n_pairs} pairs (one id per pair)"
+        )
     index: dict[Hashable, int] = {}
     return np.array([index.setdefault(label, len(index)) for label in labels], dtype=np.int64)
 

@@ -152,7 +152,7 @@ def test_plane_puts_the_mean_difference_on_x():
     summary = summarize(observed)
     frame = summary.projection
     assert len(frame) == 8 * 2 * n and set(frame["side"]) == {"H+", "H-"}
-    assert set(frame["group"]) == set(observed.prompt_ids) and summary.candidates.shape == (8, 16)
+    assert set(frame["prompt_id"]) == set(observed.prompt_ids) and summary.candidates.shape == (8, 16)
 
 
 def test_observed_of_reads_an_iteration_result_and_checks_shapes():

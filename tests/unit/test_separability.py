@@ -90,7 +90,7 @@ def _prompt_specific_contrast(
 def test_grouping_by_prompt_removes_the_leak_of_prompt_specific_contrast() -> None:
     pos, neg, groups = _prompt_specific_contrast()
     band = _chance_band(2 * pos.shape[0])
-    leaky = probe_accuracy(pos, neg)  # groups=None: each pair is a group, other pairs of its prompt train
+    leaky = probe_accuracy(pos, neg)  # prompt_ids=None: each pair its own prompt, other pairs of its prompt train
     grouped = probe_accuracy(pos, neg, groups)
     assert leaky > 0.5 + band
     assert abs(grouped - 0.5) < band
@@ -283,16 +283,16 @@ def test_separability_fits_every_labeling_of_a_fold_on_one_factorisation(monkeyp
 # -- (g) errors ----------------------------------------------------------------------------------
 
 
-def test_clear_errors_for_bad_groups_folds_and_inputs() -> None:
+def test_clear_errors_for_bad_prompt_ids_folds_and_inputs() -> None:
     pos, neg = _two_gaussians(6, 4, 1.0)
     for measure in (probe_accuracy, probe_accuracy_null, fisher_ratio):
-        with pytest.raises(ValueError, match="at least 2 groups"):
+        with pytest.raises(ValueError, match="at least 2 prompts"):
             measure(pos, neg, ["same"] * 6)
-        with pytest.raises(ValueError, match="groups has 5 entries but there are 6 pairs"):
+        with pytest.raises(ValueError, match="prompt_ids has 5 entries but there are 6 pairs"):
             measure(pos, neg, ["a", "b", "c", "d", "e"])
-    with pytest.raises(ValueError, match="at least 2 groups"):
+    with pytest.raises(ValueError, match="at least 2 prompts"):
         separability(pos, neg, [0] * 6, seed=0)
-    with pytest.raises(TypeError, match="one group id per pair"):
+    with pytest.raises(TypeError, match="one prompt id per pair"):
         separability(pos, neg, "abcdef", seed=0)
     with pytest.raises(ValueError, match="folds must be an integer >= 2"):
         probe_accuracy(pos, neg, folds=1)
