@@ -50,6 +50,7 @@ from sims_lens.iteration import Callback, IterationResult, LoopState
 from sims_lens.metrics import MetricRow, batch_rows, heldout_rows, layer_rows, metric_row
 from sims_lens.oracles.base import is_relative, judges_with_policy
 from sims_lens.prompts import Prompt, iteration_prompts
+from sims_lens.run import writing_run_folder
 from sims_lens.seeds import derive_seed
 from sims_lens.separability import probe_accuracy
 from sims_lens.steering.functions import SteeringSet
@@ -186,8 +187,9 @@ class Sims:
         self.train_prompts = resolve_prompts(given.get("prompts", config.prompts), "train", "prompts")
         heldout = resolve_prompts(given.get("heldout_prompts", config.heldout_prompts), "heldout", "heldout_prompts")
         self.heldout_prompts = heldout[: config.heldout_size]
-        self._given_prompts = {key: self.train_prompts if key == "prompts" else heldout for key in given}
-        names.update({key: given_marker(prompts) for key, prompts in self._given_prompts.items()})
+        self.given_prompts = {key: self.train_prompts if key == "prompts" else heldout for key in given}
+        """Prompts given as lists (all of them; a run folder keeps a copy), by configuration key."""
+        names.update({key: given_marker(prompts) for key, prompts in self.given_prompts.items()})
         check_run(config, self.oracle, self.train_prompts, self.heldout_prompts, int(model.cfg.n_layers))
         check_hooks(model, config.hook_names([0]))  # the hook point exists in this architecture
         from sims_lens.models import dtype_name
@@ -254,35 +256,10 @@ class Sims:
         """
         with ExitStack() as stack:
             if self.out is not None:
-                stack.enter_context(self._run_folder())
+                stack.enter_context(writing_run_folder(self))
             self.prepare()
             while self.state.completed < self.config.iterations:
                 yield self.step(self.state.completed + 1)
-
-    def _run_folder(self) -> AbstractContextManager[None]:
-        """Open (or resume) ``out`` under its lock, restore the state, and add the run-folder writer."""
-        from contextlib import contextmanager
-
-        from sims_lens.run import RunWriter, restore_state
-        from sims_lens.run_folder import RunFolder, open_run
-
-        @contextmanager
-        def opened() -> Iterator[None]:
-            assert self.out is not None
-            folder = RunFolder(self.out)
-            with folder.lock():
-                folder, self.config, done = open_run(folder.path, self.config, self.resume)
-                if not done:
-                    folder.keep_prompts(self._given_prompts)
-                self.state = restore_state(folder, self.config, self.model, self.tokenizer, init=self.init)
-                writer = RunWriter(folder, self.model)
-                self.callbacks.insert(0, writer)
-                try:
-                    yield
-                finally:
-                    self.callbacks.remove(writer)
-
-        return opened()
 
     def prepare(self) -> None:
         """Before the loop: the memory bank, the base model's held-out evaluation, the steered layers."""

@@ -3,17 +3,19 @@
 :class:`RunWriter` is the loop callback that writes each finished iteration through
 :class:`~sims_lens.run_folder.RunFolder` (``Sims(..., out=...)`` attaches it); :func:`restore_state`
 rebuilds the loop state of an interrupted run so that :meth:`Sims.iterate` goes on after its last
-finished iteration.
+finished iteration; :func:`writing_run_folder` joins the two while ``Sims(..., out=...)`` iterates.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sims_lens.config import SimsConfig
 from sims_lens.contrast import MemoryBank, PairKey, Sample
 from sims_lens.iteration import IterationResult, LoopState
-from sims_lens.run_folder import RunFolder
+from sims_lens.run_folder import RunFolder, open_run
 from sims_lens.steering.functions import SteeringSet, layer_of
 
 
@@ -70,3 +72,21 @@ def restore_state(
 def _pair_key(record: dict[str, Any]) -> PairKey:
     pid, pos, neg = record["prompt_id"], record["positive"], record["negative"]
     return ((int(pos["iteration"]), pid, int(pos["index"])), (int(neg["iteration"]), pid, int(neg["index"])))
+
+
+@contextmanager
+def writing_run_folder(sims: Any) -> Iterator[None]:
+    """While the body runs: ``sims.out`` opened (or resumed) under its lock, ``sims.state`` restored from
+    it, and a :class:`RunWriter` first among ``sims.callbacks`` (what ``Sims(..., out=...)`` does)."""
+    folder = RunFolder(sims.out)
+    with folder.lock():
+        folder, sims.config, done = open_run(folder.path, sims.config, sims.resume)
+        if not done:
+            folder.keep_prompts(sims.given_prompts)
+        sims.state = restore_state(folder, sims.config, sims.model, sims.tokenizer, init=sims.init)
+        writer = RunWriter(folder, sims.model)
+        sims.callbacks.insert(0, writer)
+        try:
+            yield
+        finally:
+            sims.callbacks.remove(writer)
