@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml scripts/install.sh
 	VENV=$(VENV) scripts/install.sh
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml scripts/install.sh
+$(VENV)/.installed-dev: pyproject.toml scripts/install.sh scripts/install_browser.sh
 	VENV=$(VENV) scripts/install.sh --dev
 	touch $@ $(VENV)/.installed
 

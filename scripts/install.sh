@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install sims-lens into a project-local virtual environment (.venv, or $VENV).
 #   scripts/install.sh          runtime only (what `make demo` needs)
-#   scripts/install.sh --dev    plus the test tools and the independent steering-vectors library
+#   scripts/install.sh --dev    plus the test tools, the independent steering-vectors library and a
+#                               headless Chromium (scripts/install_browser.sh: Debian's, with apt-get,
+#                               when none is there) for the tests that draw the report pages
 # Keeps a torch that is already there; otherwise asks for torch==2.13.0 (a CPU build on these
 # machines; a bare "torch" could pull a multi-GB CUDA build).
 set -euo pipefail
@@ -30,6 +32,7 @@ if [[ $DEV == 1 ]]; then
   "${PIP[@]}" -e ".[dev]"
   # Declares transformers<5 but runs with 5.23 (checked by tests/integration/test_equivalence.py).
   "${PIP[@]}" --no-deps "steering-vectors==0.12.2"
+  scripts/install_browser.sh --optional # tests/unit/test_pages_in_browser.py
 else
   "${PIP[@]}" -e .
 fi

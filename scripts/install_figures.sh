@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what `make figures` needs for plotly's static image export (python -m analysis.make_figures):
-#   - a Chrome/Chromium for kaleido to drive: Debian's `chromium` (+ fonts-liberation, Arial's metrics),
-#     with apt-get, unless $BROWSER_PATH or a chromium/chrome on PATH is already there
+#   - a Chrome/Chromium for kaleido to drive (scripts/install_browser.sh): Debian's `chromium`
+#     (+ fonts-liberation, Arial's metrics), with apt-get, unless $BROWSER_PATH or a chromium/chrome
+#     on PATH is already there
 #   - kaleido (>= 1) into the project's venv (.venv, or $VENV): the `figures` extra of pyproject.toml
 # kaleido finds the browser itself ($BROWSER_PATH, else chromium/chrome on PATH); it never downloads
 # one. Does nothing when both are already there; apt-get needs root (or sudo).
@@ -11,20 +12,7 @@ VENV=${VENV:-.venv}
 PY="$VENV/bin/python"
 KALEIDO="kaleido>=1.5,<2" # keep in step with [project.optional-dependencies] figures in pyproject.toml
 
-browser=${BROWSER_PATH:-$(command -v chromium || command -v chromium-browser || command -v google-chrome || true)}
-if [[ -n $browser && -x $browser ]]; then
-  echo "install_figures: browser $browser"
-else
-  if ! command -v apt-get >/dev/null; then
-    echo "install_figures: no Chrome/Chromium and no apt-get; install one and set BROWSER_PATH" >&2
-    exit 1
-  fi
-  SUDO=()
-  [[ $(id -u) == 0 ]] || SUDO=(sudo)
-  echo "install_figures: apt-get install chromium fonts-liberation"
-  "${SUDO[@]}" apt-get update -q
-  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium fonts-liberation
-fi
+scripts/install_browser.sh
 
 if [[ ! -x $PY ]]; then
   echo "install_figures: no $PY; run scripts/install.sh first (or make install)" >&2
