@@ -200,3 +200,37 @@ def test_the_fit_command_writes_a_steering_file(tiny, tmp_path, monkeypatch, cap
     assert main(["fit", "--pairs", str(bad), "--out", str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: pairs file") and "lacks the field(s) ['rejected']" in err[0]
+
+
+def test_the_names_outside_scripts_import_stay_where_they_are():
+    from sims_lens import load_model
+    from sims_lens.chat import Exchange, encode_chat, left_pad
+    from sims_lens.evaluation import response_nll
+    from sims_lens.generation import GenerationSettings, decode_response, generate_ids
+    from sims_lens.models import cache_dir
+    from sims_lens.steering.hooks import apply_steering
+    from sims_lens.steering.io import load_steering as load
+
+    assert all(callable(f) for f in (load_model, encode_chat, left_pad, response_nll, decode_response, generate_ids))
+    assert all(callable(f) for f in (cache_dir, apply_steering, load, Exchange, GenerationSettings))
+    assert callable(sims_lens.SteeringSet.scaled) and callable(sims_lens.SteeringSet.norms)
+
+
+def test_run_takes_model_on_the_command_line(tiny, tmp_path, monkeypatch):
+    from sims_lens.cli import main
+
+    asked: list[str | None] = []
+
+    def fake_load(name=None, **kwargs):
+        asked.append(name)
+        return tiny
+
+    monkeypatch.setattr("sims_lens.models.load_model", fake_load)
+    monkeypatch.setattr(LexiconSentiment, "score_text", lambda self, text: text.count("e") / max(len(text), 1))
+    sets = ["iterations=1", "prompts_per_iteration=4", "max_new_tokens=4", "layers=[0]", 'observe="none"']
+    out = tmp_path / "run"
+    code = main(
+        ["run", "--model", "my/model", "--out", str(out), "--no-progress", *[a for s in sets for a in ("--set", s)]]
+    )
+    assert code == 0 and asked == ["my/model"]
+    assert RunFolder(out).read_config().model == "my/model" and RunFolder(out).completed_iterations == 1
