@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.pages import write_index
 from analysis.geometry import geometry_rows
 from analysis.live import write_run_lens
 from analysis.observed import SEPARABILITY_METRICS, ObservedSummary, load_summaries, run_observed_rows
+from analysis.pages import write_index
 from analysis.run_data import RunData, load_run, summary_from_metrics
 from sims_lens.metrics import empty_metrics, tidy_metrics
 from sims_lens.run_folder import RunFolder
