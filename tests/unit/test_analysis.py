@@ -480,7 +480,7 @@ def test_refresh_reads_a_run_folder_without_writing(tiny_run):
 def test_notebooks_are_stored_without_outputs():
     folder = Path(__file__).resolve().parents[2] / "notebooks"
     names = sorted(p.name for p in folder.glob("*.ipynb"))
-    assert names == ["01_quickstart.ipynb", "02_directions.ipynb", "03_ablations.ipynb"]
+    assert names == ["01_quickstart.ipynb", "02_directions.ipynb", "03_ablations.ipynb", "04_your_own_pairs.ipynb"]
     for name in names:
         notebook = json.loads((folder / name).read_text())
         assert notebook["nbformat"] == 4
