@@ -138,7 +138,9 @@ def plane(pos: Float[Tensor, "n d"], neg: Float[Tensor, "n d"]) -> tuple[Float[T
 
 
 def projection(observed: PairActivations) -> pd.DataFrame:
-    """:func:`plane` of every observed layer, tidy: ``iteration, hook, layer, side (H+ / H-), pair, prompt_id, x, y``."""
+    """:func:`plane` of every observed layer, tidy (:data:`PROJECTION_COLUMNS`).
+
+    Columns ``iteration, hook, layer, side (H+ / H-), pair, prompt_id, x, y``."""
     n = observed.n_pairs
     frames = []
     sides = ["H+"] * n + ["H-"] * n

@@ -83,7 +83,3 @@ class PairActivations:
             positives=[t[:, keep] for t in self.positives],
             negatives=[t[:, keep] for t in self.negatives],
         )
-
-    def observed_only(self) -> PairActivations:
-        """The observed view alone (what a run folder keeps)."""
-        return replace(self, hooks=[], positives=[], negatives=[])

@@ -8,6 +8,7 @@ the same checks with the same messages. Nothing here changes the configuration i
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -18,7 +19,8 @@ from typing import Any
 from sims_lens.config import SimsConfig, config_from_dict, resolve_layers, resolve_observe
 from sims_lens.oracles.base import is_relative, make_oracle
 from sims_lens.oracles.function import FunctionOracle, function_name
-from sims_lens.prompts import BUILTIN, Prompt, load_prompts
+from sims_lens.prompts import BUILTIN, GIVEN, Prompt, load_prompts
+from sims_lens.registry import Registry
 from sims_lens.steering.functions import SteeringSet
 from sims_lens.steering.io import steering_metadata
 from sims_lens.steering.learners import Learner, make_learner
@@ -37,7 +39,7 @@ def build_config(config: SimsConfig | None, settings: Mapping[str, Any]) -> Sims
     """
     data: dict[str, Any] = {}
     if config is not None:
-        data = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        data = {f.name: copy.deepcopy(getattr(config, f.name)) for f in dataclasses.fields(config)}
         if (
             "update" in settings
             and "update_rate" not in settings
@@ -56,12 +58,17 @@ def resolve_oracle(
     ``relative`` applies to a callable (default: absolute); an object declares ``relative`` itself.
     """
     if isinstance(spec, str):
-        return make_oracle(spec, config.oracles.get(spec, {}), model=model, tokenizer=tokenizer)
+        if relative is not None:
+            raise ConfigError(
+                f"oracle_relative = {relative} is not allowed with the registered {key} {spec!r}; it applies to plain "
+                "functions (registered oracles declare whether they are relative)"
+            )
+        return make_oracle(check_not_marker(spec, key), config.oracles.get(spec, {}), model=model, tokenizer=tokenizer)
     if callable(getattr(spec, "score", None)):
         if relative is not None and relative != is_relative(spec):
             raise ConfigError(
-                f"{key}_relative = {relative} contradicts the oracle object, whose 'relative' is {is_relative(spec)}; "
-                f"leave {key}_relative out for an object with a score method (it applies to plain functions)"
+                f"oracle_relative = {relative} contradicts the {key} object, whose 'relative' is {is_relative(spec)}; "
+                "set 'relative' on the object itself (an object without it counts as absolute)"
             )
         return spec
     if callable(spec):
@@ -80,7 +87,7 @@ def oracle_name(oracle: Any) -> str:
 def resolve_learner(spec: Any, config: SimsConfig) -> Learner:
     """A learner from its registered name (with its ``[learners.NAME]`` settings) or a learner object."""
     if spec is None or isinstance(spec, str):
-        name = config.learner if spec is None else spec
+        name = check_not_marker(config.learner if spec is None else spec, "learner")
         return make_learner(name, config.learners.get(name, {}))
     if callable(getattr(spec, "fit", None)) and hasattr(spec, "inputs"):
         return spec
@@ -105,10 +112,10 @@ def resolve_prompts(source: PromptSource, split: str, key: str) -> list[Prompt]:
     prefix = "h" if split == "heldout" else "p"
     prompts = []
     for i, item in enumerate(source):
-        if isinstance(item, Prompt):
-            prompts.append(item)
+        if isinstance(item, Prompt) and item.text.strip():
+            prompts.append(Prompt(item.id, item.text.strip()))  # as a prompt file is read (stripped)
         elif isinstance(item, str) and item.strip():
-            prompts.append(Prompt(f"{prefix}{i + 1:04d}", item))
+            prompts.append(Prompt(f"{prefix}{i + 1:04d}", item.strip()))
         else:
             raise ConfigError(f"{key}[{i}] = {item!r} is not allowed; use non-empty text or a Prompt")
     ids = [p.id for p in prompts]
@@ -117,10 +124,6 @@ def resolve_prompts(source: PromptSource, split: str, key: str) -> list[Prompt]:
             f"{key}: prompt ids repeat ({sorted({i for i in ids if ids.count(i) > 1})[:3]}); give each its own"
         )
     return prompts
-
-
-GIVEN = "python:"
-"""How a configuration names what was given as a Python object (it cannot be loaded from the name)."""
 
 
 def given_marker(value: Any) -> str:
@@ -136,6 +139,42 @@ def given_marker(value: Any) -> str:
         return f"{GIVEN}steering set {digest.hexdigest()[:12]}"
     text = json.dumps([[p.id, p.text] for p in value])
     return f"{GIVEN}{len(value)} prompts {hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def part_record(
+    part: Any, registry: Registry[Any], kind: str, relative: bool = False
+) -> tuple[str, dict[str, Any] | None]:
+    """How a configuration records an oracle or learner given as an object: its name and settings table.
+
+    An object of a registered class whose settings are plain values is recorded as that class's
+    name and settings (a configuration rebuilds it); anything else as ``python:KIND NAME``
+    (``relative`` appended for a relative function oracle), which only Python can give again.
+    """
+    name = str(getattr(part, "name", "") or "")
+    if name in registry and type(part) is registry.get(name) and dataclasses.is_dataclass(part):
+        settings = {
+            f.name: _plain(getattr(part, f.name))
+            for f in dataclasses.fields(part)
+            if f.init and f.name not in registry.resources and not f.name.startswith("_")
+        }
+        if all(_is_plain(v) for v in settings.values()):
+            return name, settings
+    return f"{GIVEN}{kind} {oracle_name(part)}{' relative' if relative else ''}", None
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _is_plain(value: Any) -> bool:
+    """A value TOML writes and reads back unchanged."""
+    if isinstance(value, bool | int | float | str):
+        return True
+    if isinstance(value, list):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
 
 
 def check_not_marker(source: str, key: str) -> str:

@@ -268,7 +268,9 @@ def resolve_observe(observe: list[int] | str, n_layers: int) -> list[int]:
 def _check_in_range(key: str, layers: list[int], n_layers: int) -> None:
     bad = [layer for layer in layers if layer >= n_layers]
     if bad:
-        raise ConfigError(f"{key}: {bad} out of range; the model has {n_layers} layers (0-{n_layers - 1})")
+        raise ConfigError(
+            f"{key}: {bad} out of range; the model has {n_layers} layers (0-{n_layers - 1}); choose {key} in that range"
+        )
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:

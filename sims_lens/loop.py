@@ -16,6 +16,7 @@ carries over between iterations, and :attr:`Sims.state` is its only owner.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
@@ -28,13 +29,13 @@ from tqdm.auto import tqdm
 from sims_lens.activations import PairActivations
 from sims_lens.answer_cache import generate_cached
 from sims_lens.assemble import (
-    GIVEN,
     PromptSource,
     build_config,
     check_not_marker,
     check_run,
     given_marker,
     oracle_name,
+    part_record,
     resolve_learner,
     resolve_oracle,
     resolve_prompts,
@@ -49,15 +50,17 @@ from sims_lens.groups import chunked
 from sims_lens.iteration import Callback, IterationResult, LoopState
 from sims_lens.metrics import MetricRow, batch_rows, heldout_rows, layer_rows, metric_row
 from sims_lens.oracles.base import is_relative, judges_with_policy
-from sims_lens.prompts import Prompt, iteration_prompts
+from sims_lens.prompts import GIVEN, Prompt, iteration_prompts
 from sims_lens.run import writing_run_folder
 from sims_lens.seeds import derive_seed
 from sims_lens.separability import probe_accuracy
 from sims_lens.steering.functions import SteeringSet
 from sims_lens.steering.hooks import apply_steering, check_hooks
-from sims_lens.steering.io import load_steering
+from sims_lens.steering.io import check_compatible, load_steering, steering_metadata
 from sims_lens.steering.learners import Learner
 from sims_lens.update_rules import apply_update
+
+DEFAULT_MODEL = SimsConfig().model
 
 __all__ = [
     "Callback",
@@ -141,22 +144,20 @@ class Sims:
         config: SimsConfig | None = None,
         **settings: Any,
     ) -> None:
-        names: dict[str, Any] = {}  # the settings that name what was given as a string
-        for key, value in (
-            ("oracle", oracle),
-            ("learner", learner),
-            ("reference_oracle", reference_oracle),
-            ("prompts", prompts),
-            ("heldout_prompts", heldout_prompts),
-            ("init", init),
-        ):
-            if isinstance(value, str | os.PathLike):
-                names[key] = os.fspath(value)
-        if isinstance(model, str | os.PathLike):
-            names["model"] = os.fspath(model)
-        overlap = sorted(set(names) & set(settings))
-        if overlap:
-            raise TypeError(f"Sims() got {overlap[0]!r} twice")
+        names = {  # the settings that name what was given as a string
+            key: os.fspath(value)
+            for key, value in (
+                ("model", model),
+                ("oracle", oracle),
+                ("learner", learner),
+                ("reference_oracle", reference_oracle),
+                ("prompts", prompts),
+                ("heldout_prompts", heldout_prompts),
+                ("init", init),
+            )
+            if isinstance(value, str | os.PathLike)
+        }
+        named_model = "model" in names or "model" in settings or (config is not None and config.model != DEFAULT_MODEL)
         config = build_config(config, {**settings, **names})
         if model is None or isinstance(model, str | os.PathLike):
             from sims_lens.models import load_model
@@ -165,55 +166,32 @@ class Sims:
         if tokenizer is None:
             raise TypeError("Sims() needs the model's tokenizer: Sims(model, tokenizer, ...) (load_model returns both)")
         self.model, self.tokenizer = model, tokenizer
+        self.out, self.resume = (None if out is None else Path(out)), resume
         self.oracle = resolve_oracle(
             config.oracle if oracle is None else oracle, config, model, tokenizer, relative=oracle_relative
         )
-        self.reference = None
         reference = config.reference_oracle if reference_oracle is None else reference_oracle
-        if reference:
+        self.reference = None
+        if reference is not None and not (isinstance(reference, str) and not reference):
             self.reference = resolve_oracle(reference, config, model, tokenizer, key="reference_oracle")
         self.learner = resolve_learner(learner, config)
-        given: dict[str, Any] = {
-            k: v
-            for k, v in (("prompts", prompts), ("heldout_prompts", heldout_prompts))
-            if k not in names and v is not None
-        }
-        for key in ("prompts", "heldout_prompts"):  # a run made from Python lists keeps them in its folder
-            if key not in given and str(getattr(config, key)).startswith(GIVEN) and out is not None:
-                from sims_lens.run_folder import RunFolder
-
-                given[key] = RunFolder(Path(out)).load_prompts(key, config)
-        # prompts given as lists: config.toml records their count and a hash (given_marker)
-        self.train_prompts = resolve_prompts(given.get("prompts", config.prompts), "train", "prompts")
-        heldout = resolve_prompts(given.get("heldout_prompts", config.heldout_prompts), "heldout", "heldout_prompts")
-        self.heldout_prompts = heldout[: config.heldout_size]
-        self.given_prompts = {key: self.train_prompts if key == "prompts" else heldout for key in given}
+        self.given_prompts = self._prompt_lists(config, prompts, heldout_prompts)
         """Prompts given as lists (all of them; a run folder keeps a copy), by configuration key."""
-        names.update({key: given_marker(prompts) for key, prompts in self.given_prompts.items()})
+        self.train_prompts = resolve_prompts(self.given_prompts.get("prompts", config.prompts), "train", "prompts")
+        heldout = self.given_prompts.get("heldout_prompts", config.heldout_prompts)
+        self.heldout_prompts = resolve_prompts(heldout, "heldout", "heldout_prompts")[: config.heldout_size]
         check_run(config, self.oracle, self.train_prompts, self.heldout_prompts, int(model.cfg.n_layers))
         check_hooks(model, config.hook_names([0]))  # the hook point exists in this architecture
-        from sims_lens.models import dtype_name
-
-        self.config = replace(  # what "auto" and the objects given became (config.toml records it)
+        self.init = self._initial_policy(config.init if init is None or isinstance(init, str | os.PathLike) else init)
+        self.config = self._recorded(
             config,
-            dtype=dtype_name(next(model.parameters()).dtype),
-            positions=learner_positions(self.learner, config.positions),
-            oracle=config.oracle if oracle is None or isinstance(oracle, str) else oracle_name(self.oracle),
-            learner=config.learner
-            if learner is None or isinstance(learner, str)
-            else str(getattr(self.learner, "name", type(self.learner).__name__)),
-            prompts=names.get("prompts", config.prompts),
-            heldout_prompts=names.get("heldout_prompts", config.heldout_prompts),
-            init=config.init if init is None or isinstance(init, str | os.PathLike) else given_marker(init),
-            reference_oracle=config.reference_oracle
-            if self.reference is None or isinstance(reference, str)
-            else oracle_name(self.reference),
+            model,
+            init,
+            given=(oracle, learner, reference_oracle),
+            model_named=named_model,
         )
-        self.init = self._initial_policy(init if init is not None else (config.init or None))
         self.callbacks: list[Any] = list(callbacks)
         self.progress = progress
-        self.out = None if out is None else Path(out)
-        self.resume = resume
         if self.out is not None:
             from sims_lens.run_folder import RunFolder, check_new_folder
 
@@ -222,6 +200,57 @@ class Sims:
             RunFolder(self.out).refuse_if_locked()
         self.state = LoopState(policy=self.init)
         self._collected: dict[int, Batch] = {}
+
+    def _prompt_lists(self, config: SimsConfig, *given: PromptSource) -> dict[str, Sequence[Prompt | str]]:
+        """Prompts given as lists, by key; a resumed run made from lists reads its folder's copies."""
+        lists: dict[str, Any] = {
+            key: value
+            for key, value in zip(("prompts", "heldout_prompts"), given, strict=True)
+            if value is not None and not isinstance(value, str | os.PathLike)
+        }
+        for key in ("prompts", "heldout_prompts"):
+            if key not in lists and str(getattr(config, key)).startswith(GIVEN) and self.out and self.resume:
+                from sims_lens.run_folder import RunFolder
+
+                lists[key] = RunFolder(self.out).load_prompts(key, config)
+        return {
+            key: resolve_prompts(value, "train" if key == "prompts" else "heldout", key) for key, value in lists.items()
+        }
+
+    def _recorded(
+        self, config: SimsConfig, model: Any, init: Any, given: tuple[Any, ...], model_named: bool
+    ) -> SimsConfig:
+        """The configuration config.toml records: what "auto" and each object given became."""
+        from sims_lens.models import dtype_name
+        from sims_lens.oracles.base import ORACLES
+        from sims_lens.steering.learners import LEARNERS
+
+        oracle, learner, reference = given
+        changes: dict[str, Any] = {
+            "dtype": dtype_name(next(model.parameters()).dtype),
+            "positions": learner_positions(self.learner, config.positions),
+            **{key: given_marker(prompts) for key, prompts in self.given_prompts.items()},
+        }
+        loaded_as = getattr(model, "sims_lens_name", None)  # the name load_model was given
+        if loaded_as:
+            changes["model"] = loaded_as
+        elif not model_named:
+            changes["model"] = f"{GIVEN}model {getattr(model.cfg, 'model_name', '')}".strip()
+        tables = {"oracles": copy.deepcopy(config.oracles), "learners": copy.deepcopy(config.learners)}
+        for key, part, spec, registry, table in (
+            ("oracle", self.oracle, oracle, ORACLES, "oracles"),
+            ("reference_oracle", self.reference, reference, ORACLES, "oracles"),
+            ("learner", self.learner, learner, LEARNERS, "learners"),
+        ):
+            if spec is not None and not isinstance(spec, str):
+                kind = key.removesuffix("_oracle").replace("reference", "oracle")
+                name, settings = part_record(part, registry, kind, relative=key == "oracle" and is_relative(part))
+                changes[key] = name
+                if settings is not None:
+                    tables[table][name] = settings
+        if init is not None and not isinstance(init, str | os.PathLike):
+            changes["init"] = given_marker(init)
+        return replace(config, **{**changes, **tables})
 
     @classmethod
     def from_config(cls, config: SimsConfig, *, model: Any = None, tokenizer: Any = None, **kwargs: Any) -> Sims:
@@ -238,16 +267,29 @@ class Sims:
         return list(self.iterate())
 
     def _initial_policy(self, init: Any) -> SteeringSet | None:
-        if init is None:
+        """The policy iteration 1 samples with: ``init`` (a SteeringSet or a steering file), else None (pi_0).
+
+        A resumed run that has finished an iteration goes on from its own policy and reads no init; an
+        init given as an object is read back from the run folder's copy.
+        """
+        from sims_lens.run_folder import RunFolder
+
+        folder = RunFolder(self.out) if self.out is not None else None
+        if folder is not None and self.resume and folder.state_path.is_file() and folder.completed_iterations:
+            return None
+        if init is None or init == "":
             return None
         if isinstance(init, str | os.PathLike):
-            return load_steering(check_not_marker(os.fspath(init), "init"), self.model)
+            source = os.fspath(init)
+            if source.startswith(GIVEN) and folder is not None and self.resume and folder.init_path.is_file():
+                return load_steering(folder.init_path, self.model)
+            return load_steering(check_not_marker(source, "init"), self.model)
         if not isinstance(init, SteeringSet):
             raise TypeError(f"init must be a SteeringSet or the path of a .safetensors steering file, got {type(init)}")
         check_hooks(self.model, init.hooks)
+        check_compatible(steering_metadata(init, None), self.model, source="init")
         return init
 
-    # -- the loop ---------------------------------------------------------------------------
     def iterate(self) -> Iterator[IterationResult]:
         """Yield iterations ``state.completed + 1 .. config.iterations`` (a resumed state goes on).
 
@@ -329,7 +371,7 @@ class Sims:
     def guard(self, iteration: int, fitted: SteeringSet, candidate: Evaluation) -> Guard:
         """The guard rail: reject a policy whose held-out perplexity is ``max_perplexity_ratio`` x the base's.
 
-        A rejected policy is replaced by the previous one (pi_0 at iteration 1: the fit at multiplier 0,
+        A rejected policy is replaced by the previous one (at iteration 1: ``init``, or pi_0 as the fit at multiplier 0,
         so the run folder still holds a policy file per iteration) and its held-out evaluation; the
         previous policy is evaluated again, with the same held-out seed, so this reproduces its samples.
         """
@@ -491,8 +533,8 @@ class Sims:
     def choose_layers(self) -> list[int]:
         """``layers = "top:K"``: the K layers whose D+ and D- a probe separates best, cross-validated by prompt.
 
-        Chosen before the loop from iteration 1's batch captured at every layer (the policy of
-        iteration 1 is the base model, so this is exactly the batch iteration 1 uses; it is kept).
+        Chosen before the loop from iteration 1's batch captured at every layer (sampled by iteration
+        1's policy, pi_0 or ``init``, so this is exactly the batch iteration 1 uses; it is kept).
         """
         k = int(str(self.config.layers).removeprefix("top:"))
         everything = list(range(self.n_layers))

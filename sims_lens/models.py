@@ -142,6 +142,11 @@ def embedded_gguf_path() -> Path:
 
 def resolve_source(name: str | None) -> ModelSource:
     """Decide whether ``name`` is the embedded model, a GGUF file, a local folder or a hub name."""
+    if name is not None and name.startswith("python:"):
+        raise ModelLoadError(
+            f"model {name!r} was given to Sims as a Python object when the run was made, so no name can load it; "
+            "pass it again (Sims(model, tokenizer, ...)) or name one (--model NAME, Sims('NAME', ...))"
+        )
     if name is None or name.lower() in {EMBEDDED_MODEL, EMBEDDED_HF_NAME.lower(), "embedded"}:
         return ModelSource("embedded", EMBEDDED_HF_NAME, embedded_gguf_path())
     path = Path(name).expanduser()
@@ -377,4 +382,7 @@ def load_model(name: str | None = None, dtype: str | torch.dtype = "auto", devic
     torch_dtype = resolve_dtype(dtype, device)
     source = resolve_source(name)
     hf_model, tokenizer = load_hf(source, torch_dtype, device)
-    return boot_bridge(hf_model, tokenizer, source.name, torch_dtype, device), tokenizer
+    bridge = boot_bridge(hf_model, tokenizer, source.name, torch_dtype, device)
+    bridge.sims_lens_name = EMBEDDED_MODEL if source.origin == "embedded" else str(name)
+    """The name it was loaded by: a run's config.toml records it (``Sims`` reads it)."""
+    return bridge, tokenizer

@@ -14,6 +14,7 @@ from typing import Any
 from sims_lens.prompts import read_records
 
 FIELDS = ("prompt", "chosen", "rejected")
+EXAMPLE = '{"prompt": "...", "chosen": "...", "rejected": "..."}'
 """The fields of a pair, in a dict, a JSONL object or a CSV header."""
 
 
@@ -32,18 +33,20 @@ PairSource = str | os.PathLike[str] | Iterable[ContrastPair | tuple[str, str, st
 def load_pairs(source: PairSource) -> list[ContrastPair]:
     """Pairs from triples, dicts or :class:`ContrastPair` objects, a ``.jsonl``/``.csv`` file or ``hf:NAME[:SPLIT]``."""
     if isinstance(source, str | os.PathLike):
-        records, where = read_records(source, what="pairs")
-        return [_from_item(record, f"{where}, row {i}") for i, record in enumerate(records, start=1)]
-    try:
-        items = list(source)
-    except TypeError:
-        raise ValueError(
-            f"pairs = {source!r}: use (prompt, chosen, rejected) triples, dicts with those fields, or a .jsonl/.csv "
-            "file or 'hf:NAME' with those fields"
-        ) from None
-    pairs = [_from_item(item, f"pairs[{i}]") for i, item in enumerate(items)]
+        records, where = read_records(source, what="pairs", example=EXAMPLE)
+        pairs = [_from_item(record, f"{where}, row {i}") for i, record in enumerate(records, start=1)]
+    else:
+        where = "pairs"
+        try:
+            items = list(source)
+        except TypeError:
+            raise ValueError(
+                f"pairs = {source!r}: use (prompt, chosen, rejected) triples, dicts with those fields, or a "
+                ".jsonl/.csv file or 'hf:NAME' with those fields"
+            ) from None
+        pairs = [_from_item(item, f"pairs[{i}]") for i, item in enumerate(items)]
     if len(pairs) < 2:
-        raise ValueError(f"got {len(pairs)} pair(s); a steering direction needs at least 2 (prompt, chosen, rejected)")
+        raise ValueError(f"{where} holds {len(pairs)} pair(s); a steering direction needs at least 2")
     return pairs
 
 

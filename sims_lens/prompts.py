@@ -26,6 +26,8 @@ from typing import Any
 from sims_lens.seeds import derive_seed
 
 BUILTIN = "builtin"
+GIVEN = "python:"
+"""How a configuration names what was given to ``Sims`` as a Python object (a name cannot load it)."""
 """The source name of the built-in prompt set (``None`` means the same)."""
 SPLITS = ("train", "heldout")
 """The splits of the built-in set; a file with a ``split`` column/field may use them too."""
@@ -68,10 +70,10 @@ def load_prompts(
         raise ValueError(f"column must be a non-empty string, got {column!r}")
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
-    if isinstance(source, str) and source.startswith("python:"):
+    if isinstance(source, str) and source.startswith(GIVEN):
         raise ValueError(
             f"prompts {source!r} were given as a Python list when the run was made and cannot be loaded by name; "
-            "pass them again, or a prompt file (sims-lens eval --prompts FILE)"
+            "pass them again (Sims(..., prompts=[...])), or a prompt file (sims-lens eval --prompts FILE)"
         )
     if source is None or source == BUILTIN:
         return _from_records(_read_jsonl(builtin_path()), "prompt", split, "the built-in prompt set")
@@ -127,7 +129,9 @@ def iteration_prompts(
     return [pool[(start + i) % len(pool)] for i in range(min(n, len(pool)))]
 
 
-def read_records(source: str | os.PathLike[str], what: str = "prompt") -> tuple[list[dict[str, Any]], str]:
+def read_records(
+    source: str | os.PathLike[str], what: str = "prompt", example: str = '{"prompt": "..."}'
+) -> tuple[list[dict[str, Any]], str]:
     """The rows of a ``.jsonl`` or ``.csv`` file, or of ``hf:NAME[:SPLIT]``, and how to name their source."""
     text = os.fspath(source)
     if text.startswith(HF_PREFIX):
@@ -142,11 +146,11 @@ def read_records(source: str | os.PathLike[str], what: str = "prompt") -> tuple[
         )
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {str(path)!r} does not exist; pass an existing .jsonl or .csv file")
-    records = _read_jsonl(path, what) if suffix == ".jsonl" else _read_csv(path)
+    records = _read_jsonl(path, what, example) if suffix == ".jsonl" else _read_csv(path)
     return records, f"{what} file {str(path)!r}"
 
 
-def _read_jsonl(path: Path, what: str = "prompt") -> list[dict[str, Any]]:
+def _read_jsonl(path: Path, what: str = "prompt", example: str = '{"prompt": "..."}') -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -156,12 +160,12 @@ def _read_jsonl(path: Path, what: str = "prompt") -> list[dict[str, Any]]:
         except json.JSONDecodeError as err:
             raise ValueError(
                 f"{what} file {str(path)!r}, line {number}: not valid JSON ({err.msg}); "
-                f'each line must be one JSON object such as {{"{what}": "..."}}'
+                f"each line must be one JSON object such as {example}"
             ) from None
         if not isinstance(record, dict):
             raise ValueError(
                 f"{what} file {str(path)!r}, line {number}: expected a JSON object such as "
-                f'{{"{what}": "..."}}, got {type(record).__name__}'
+                f"{example}, got {type(record).__name__}"
             )
         records.append(record)
     return records

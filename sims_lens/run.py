@@ -15,8 +15,10 @@ from typing import Any
 from sims_lens.config import SimsConfig
 from sims_lens.contrast import MemoryBank, PairKey, Sample
 from sims_lens.iteration import IterationResult, LoopState
+from sims_lens.prompts import GIVEN
 from sims_lens.run_folder import RunFolder, open_run
 from sims_lens.steering.functions import SteeringSet, layer_of
+from sims_lens.steering.io import save_steering
 
 
 class RunWriter:
@@ -81,8 +83,11 @@ def writing_run_folder(sims: Any) -> Iterator[None]:
     folder = RunFolder(sims.out)
     with folder.lock():
         folder, sims.config, done = open_run(folder.path, sims.config, sims.resume)
+        sims.resume = True  # the folder is this run's now: iterating again goes on from it
         if not done:
             folder.keep_prompts(sims.given_prompts)
+            if sims.init is not None and sims.config.init.startswith(GIVEN):  # given as an object
+                save_steering(sims.init, folder.init_path, sims.model)
         sims.state = restore_state(folder, sims.config, sims.model, sims.tokenizer, init=sims.init)
         writer = RunWriter(folder, sims.model)
         sims.callbacks.insert(0, writer)

@@ -14,6 +14,7 @@ Layout (ARCHITECTURE.md, "The run folder")::
     RUN/logit_lens.csv               the analysis callbacks' logit-lens reading of each layer's candidate
     RUN/steering/iter_NNN.safetensors  the policy after iteration NNN (+ .json metadata)
     RUN/steering/fit_NNN.safetensors   what iteration NNN fitted, before the update rule
+    RUN/steering/init.safetensors    the policy the run started from, when given to Sims as an object
     RUN/observed/iter_NNN.safetensors  iteration NNN's D+ / D- mean activations at every observed
                                      layer (tensors positives, negatives [n_pairs, n_observed, d_model];
                                      hooks, layers, prompt_ids in the header)
@@ -68,6 +69,7 @@ STEERING = "steering"
 OBSERVED = "observed"
 FIGURES = "figures"
 LOCK = ".lock"
+INIT = "init.safetensors"
 PROMPT_COPIES = {"prompts": "prompts.jsonl", "heldout_prompts": "heldout_prompts.jsonl"}
 """Where a run keeps prompts given to ``Sims`` as lists (its config.toml records ``python:N prompts HASH``)."""
 
@@ -133,6 +135,11 @@ class RunFolder:
     @property
     def lock_path(self) -> Path:
         return self.path / LOCK
+
+    @property
+    def init_path(self) -> Path:
+        """``steering/init.safetensors``: the policy a run started from, when it was given as an object."""
+        return self.path / STEERING / INIT
 
     def steering_path(self, iteration: int, which: str = "policy") -> Path:
         """``steering/iter_NNN.safetensors`` (``which="policy"``) or ``steering/fit_NNN.safetensors``."""
@@ -497,7 +504,9 @@ def check_new_folder(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"--out {out} is a file; pass a folder for the run")
     if out.exists() and any(p.name != LOCK for p in out.iterdir()):
-        raise RunFolderError(f"{out} already holds a run; pass --resume to continue it, or choose a new --out folder")
+        raise RunFolderError(
+            f"{out} already holds a run; pass --resume (Python: resume=True) to continue it, or choose a new folder"
+        )
 
 
 def _read_lock(path: Path) -> dict[str, Any] | None:

@@ -30,4 +30,6 @@ def apply_update(previous: SteeringSet | None, fitted: SteeringSet, rule: str, r
     else:
         policy = previous.scaled(1.0 - rate) + fitted.scaled(rate)
     policy.iteration = fitted.iteration
+    policy.positions = fitted.positions  # this run's, also when the previous policy was a given init
+    policy.model_name = fitted.model_name or policy.model_name
     return policy

@@ -71,9 +71,9 @@ def tiny_sims(tiny, oracle=None, **overrides) -> Sims:
         for table in tables:
             target = target.setdefault(table, {})
         target[leaf] = value
-    return Sims(
-        model, tok, oracle=oracle or LetterOracle(), prompts=TRAIN, heldout_prompts=HELDOUT, progress=False, **settings
-    )
+    parts = {"prompts": TRAIN, "heldout_prompts": HELDOUT, "progress": False}
+    parts.update(settings)
+    return Sims(model, tok, oracle=oracle or LetterOracle(), **parts)
 
 
 class Interrupt(Exception):

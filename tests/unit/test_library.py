@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import re
@@ -17,6 +18,7 @@ from sims_lens import Sims, SimsConfig, fit_pairs
 from sims_lens.capture import capture_tokens, reduce_tokens
 from sims_lens.chat import Exchange, encode_chat, end_token_ids, response_ids_for_text
 from sims_lens.config import load_config
+from sims_lens.models import ModelLoadError
 from sims_lens.oracles.function import OracleOutputError
 from sims_lens.oracles.lexicon import LexiconSentiment
 from sims_lens.pairs import load_pairs
@@ -63,7 +65,7 @@ def test_readme_example_is_short_and_runs_on_a_tiny_model(monkeypatch):
 
 def test_a_lambda_is_the_oracle(tiny):
     sims = tiny_sims(tiny, lambda prompts, responses: [[float(len(r)) for r in group] for group in responses])
-    assert sims.config.oracle == "callable" and not sims_lens.oracles.is_relative(sims.oracle)
+    assert sims.config.oracle == "python:oracle callable" and not sims_lens.oracles.is_relative(sims.oracle)
     [first, _] = list(sims.iterate())
     assert all(s.reward == float(len(s.response)) for s in first.samples)
     assert first.heldout.reward_mean == pytest.approx(
@@ -87,7 +89,7 @@ def test_the_configuration_given_is_never_changed(tiny):
     assert config == before
     assert sims.config is not config and sims.config.update == "ema" and sims.config.update_rate == 0.5
     assert sims.config.dtype == "float32" and sims.config.positions == "all"  # what "auto" became
-    assert sims.config.oracle == "letter_e" and sims.config.prompts.startswith("python:8 prompts ")
+    assert sims.config.oracle == "python:oracle letter_e" and sims.config.prompts.startswith("python:8 prompts ")
 
 
 def test_keyword_settings_are_checked_with_the_toml_messages(tiny):
@@ -234,3 +236,52 @@ def test_run_takes_model_on_the_command_line(tiny, tmp_path, monkeypatch):
     )
     assert code == 0 and asked == ["my/model"]
     assert RunFolder(out).read_config().model == "my/model" and RunFolder(out).completed_iterations == 1
+
+
+def test_objects_are_recorded_so_the_run_can_be_rebuilt_or_refused_clearly(tiny, tmp_path):
+    from sims_lens.steering.learners import HPRLearner, make_learner
+
+    model, tok = tiny
+    sims = tiny_sims(tiny, learner=HPRLearner(epochs=3), iterations=1)
+    assert sims.config.learner == "hpr" and sims.config.learners["hpr"]["epochs"] == 3
+    rebuilt = Sims(model, tok, config=sims.config, oracle=LetterOracle(), prompts=TRAIN, heldout_prompts=HELDOUT)
+    assert rebuilt.learner == make_learner("hpr", {"epochs": 3})  # a registered object rebuilds from the record
+    assert sims.config.model.startswith("python:model")  # tiny_model is not loaded by a name
+    with pytest.raises(ModelLoadError, match="was given to Sims as a Python object"):
+        sims_lens.load_model(sims.config.model)
+    with pytest.raises(ConfigError, match="was given as a Python object"):
+        Sims(model, tok, config=sims.config, prompts=TRAIN, heldout_prompts=HELDOUT)  # the oracle was a function
+    with pytest.raises(ConfigError, match="oracle_relative = True is not allowed with the registered oracle"):
+        tiny_sims(tiny, "lexicon_sentiment", oracle_relative=True)
+
+
+def test_prompts_are_stripped_and_iterating_twice_goes_on(tiny, tmp_path):
+    out = tmp_path / "run"
+    sims = tiny_sims(tiny, iterations=1, out=out, prompts=[f"  {p.text}\n" for p in TRAIN])
+    assert all(p.text == p.text.strip() for p in sims.train_prompts)
+    assert [r.iteration for r in sims.iterate()] == [1]
+    sims.config = dataclasses.replace(sims.config, iterations=2)
+    assert [r.iteration for r in sims.iterate()] == [2]  # the folder is this run's: no "already holds a run"
+    resumed = tiny_sims(tiny, iterations=3, out=out, resume=True, prompts=[f"  {p.text}\n" for p in TRAIN])
+    assert [r.iteration for r in resumed.iterate()] == [3] and RunFolder(out).completed_iterations == 3
+
+
+def test_a_run_from_an_init_object_resumes_and_keeps_its_own_positions(tiny, tmp_path):
+    from sims_lens.steering.learners import HPRLearner
+
+    model, tok = tiny
+    init = fit_pairs(model, tok, PAIRS, learner=HPRLearner(epochs=2), layers=[0])  # positions "generated"
+    out = tmp_path / "run"
+    sims = tiny_sims(tiny, init=init, layers=[0], iterations=1, out=out)
+    [first] = list(sims.iterate())
+    assert init.positions == "generated" and first.policy.positions == sims.config.positions == "all"
+    assert RunFolder(out).init_path.is_file()
+    again = tiny_sims(tiny, init=init, layers=[0], iterations=1, out=tmp_path / "other")
+    assert again.config.init == sims.config.init  # the same object records the same text
+    resumed = tiny_sims(tiny, init=init, layers=[0], iterations=2, out=out, resume=True)
+    assert resumed.policy is None or resumed.state.completed == 0  # read from the folder when iterating
+    assert [r.iteration for r in resumed.iterate()] == [2]
+    wrong = sims_lens.tiny_model(n_layers=2, d_model=32, seed=5)[0]
+    other = fit_pairs(wrong, tok, PAIRS, layers=[0])
+    with pytest.raises(ValueError, match="d_model=32"):
+        tiny_sims(tiny, init=other, layers=[0])

@@ -83,7 +83,9 @@ def test_contrast_sampling_with_a_relative_oracle_is_one_message_on_every_path(t
     assert code == 2
     assert capsys.readouterr().err.strip() == f"error: {named.value}"  # the same one line
     assert not (tmp_path / "run").exists()  # nothing written
-    assert tiny_sims(tiny, rank_oracle, oracle_relative=True).config.oracle == "rank_oracle"  # fine without
+    assert (
+        tiny_sims(tiny, rank_oracle, oracle_relative=True).config.oracle == "python:oracle rank_oracle relative"
+    )  # fine without
 
 
 def _spy(judge, model, calls: list[int]) -> None:
