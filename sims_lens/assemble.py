@@ -22,7 +22,8 @@ from sims_lens.oracles.function import FunctionOracle, function_name
 from sims_lens.prompts import BUILTIN, GIVEN, Prompt, load_prompts
 from sims_lens.registry import Registry
 from sims_lens.steering.functions import SteeringSet
-from sims_lens.steering.io import steering_metadata
+from sims_lens.steering.hooks import check_hooks
+from sims_lens.steering.io import check_compatible, load_steering, steering_metadata
 from sims_lens.steering.learners import Learner, make_learner
 from sims_lens.update_rules import DEFAULT_RATE
 from sims_lens.validation import ConfigError
@@ -217,3 +218,88 @@ def check_run(
             "absolute oracle (lexicon_sentiment, reward_model, embedding_similarity, or a composite of them with "
             "normalize = 'none')"
         )
+
+
+def prompt_lists(
+    config: SimsConfig, given: Mapping[str, PromptSource], out: Any, resume: bool
+) -> dict[str, list[Prompt]]:
+    """Prompts given as lists, by key (``prompts``, ``heldout_prompts``); a resumed run made from lists
+    reads its folder's copies."""
+    from sims_lens.run_folder import RunFolder
+
+    lists: dict[str, Any] = {
+        key: value for key, value in given.items() if value is not None and not isinstance(value, str | os.PathLike)
+    }
+    for key in given:
+        if key not in lists and str(getattr(config, key)).startswith(GIVEN) and out is not None and resume:
+            lists[key] = RunFolder(out).load_prompts(key, config)
+    splits = {"prompts": "train", "heldout_prompts": "heldout"}
+    return {key: resolve_prompts(value, splits[key], key) for key, value in lists.items()}
+
+
+def initial_policy(init: Any, model: Any, out: Any, resume: bool) -> SteeringSet | None:
+    """The policy iteration 1 samples with: ``init`` (a SteeringSet or a steering file), else None (pi_0).
+
+    A resumed run that has finished an iteration goes on from its own policy and reads no init; an
+    init given as an object is read back from the run folder's copy.
+    """
+    from sims_lens.run_folder import RunFolder
+
+    folder = RunFolder(out) if out is not None else None
+    if folder is not None and resume and folder.state_path.is_file() and folder.completed_iterations:
+        return None
+    if init is None or init == "":
+        return None
+    if isinstance(init, str | os.PathLike):
+        source = os.fspath(init)
+        if source.startswith(GIVEN) and folder is not None and resume and folder.init_path.is_file():
+            return load_steering(folder.init_path, model)
+        return load_steering(check_not_marker(source, "init"), model)
+    if not isinstance(init, SteeringSet):
+        raise TypeError(f"init must be a SteeringSet or the path of a .safetensors steering file, got {type(init)}")
+    check_hooks(model, init.hooks)
+    check_compatible(steering_metadata(init, None), model, source="init")
+    return init
+
+
+def recorded_config(
+    config: SimsConfig,
+    model: Any,
+    parts: Mapping[str, tuple[Any, Any]],
+    given_prompts: Mapping[str, Sequence[Prompt]],
+    init: Any,
+    *,
+    model_named: bool,
+) -> SimsConfig:
+    """The configuration config.toml records: what "auto" and each object given became.
+
+    ``parts``: for ``oracle``, ``reference_oracle`` and ``learner``, (what was given, what it built).
+    """
+    from sims_lens.fitting import learner_positions
+    from sims_lens.models import dtype_name
+    from sims_lens.oracles.base import ORACLES
+    from sims_lens.steering.learners import LEARNERS
+
+    changes: dict[str, Any] = {
+        "dtype": dtype_name(next(model.parameters()).dtype),
+        "positions": learner_positions(parts["learner"][1], config.positions),
+        **{key: given_marker(prompts) for key, prompts in given_prompts.items()},
+    }
+    loaded_as = getattr(model, "sims_lens_name", None)  # the name load_model was given
+    if loaded_as:
+        changes["model"] = loaded_as
+    elif not model_named:
+        changes["model"] = f"{GIVEN}model {getattr(model.cfg, 'model_name', '')}".strip()
+    tables = {"oracles": copy.deepcopy(config.oracles), "learners": copy.deepcopy(config.learners)}
+    for key, (spec, part) in parts.items():
+        if spec is None or isinstance(spec, str):
+            continue
+        registry, table = (LEARNERS, "learners") if key == "learner" else (ORACLES, "oracles")
+        kind = "learner" if key == "learner" else "oracle"
+        name, settings = part_record(part, registry, kind, relative=key == "oracle" and is_relative(part))
+        changes[key] = name
+        if settings is not None:
+            tables[table][name] = settings
+    if init is not None and not isinstance(init, str | os.PathLike):
+        changes["init"] = given_marker(init)
+    return dataclasses.replace(config, **{**changes, **tables})

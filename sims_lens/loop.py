@@ -16,7 +16,6 @@ carries over between iterations, and :attr:`Sims.state` is its only owner.
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
@@ -31,11 +30,11 @@ from sims_lens.answer_cache import generate_cached
 from sims_lens.assemble import (
     PromptSource,
     build_config,
-    check_not_marker,
     check_run,
-    given_marker,
+    initial_policy,
     oracle_name,
-    part_record,
+    prompt_lists,
+    recorded_config,
     resolve_learner,
     resolve_oracle,
     resolve_prompts,
@@ -50,13 +49,12 @@ from sims_lens.groups import chunked
 from sims_lens.iteration import Callback, IterationResult, LoopState
 from sims_lens.metrics import MetricRow, batch_rows, heldout_rows, layer_rows, metric_row
 from sims_lens.oracles.base import is_relative, judges_with_policy
-from sims_lens.prompts import GIVEN, Prompt, iteration_prompts
+from sims_lens.prompts import Prompt, iteration_prompts
 from sims_lens.run import writing_run_folder
 from sims_lens.seeds import derive_seed
 from sims_lens.separability import probe_accuracy
 from sims_lens.steering.functions import SteeringSet
 from sims_lens.steering.hooks import apply_steering, check_hooks
-from sims_lens.steering.io import check_compatible, load_steering, steering_metadata
 from sims_lens.steering.learners import Learner
 from sims_lens.update_rules import apply_update
 
@@ -175,21 +173,22 @@ class Sims:
         if reference is not None and not (isinstance(reference, str) and not reference):
             self.reference = resolve_oracle(reference, config, model, tokenizer, key="reference_oracle")
         self.learner = resolve_learner(learner, config)
-        self.given_prompts = self._prompt_lists(config, prompts, heldout_prompts)
+        self.given_prompts = prompt_lists(config, {"prompts": prompts, "heldout_prompts": heldout_prompts}, out, resume)
         """Prompts given as lists (all of them; a run folder keeps a copy), by configuration key."""
         self.train_prompts = resolve_prompts(self.given_prompts.get("prompts", config.prompts), "train", "prompts")
         heldout = self.given_prompts.get("heldout_prompts", config.heldout_prompts)
         self.heldout_prompts = resolve_prompts(heldout, "heldout", "heldout_prompts")[: config.heldout_size]
         check_run(config, self.oracle, self.train_prompts, self.heldout_prompts, int(model.cfg.n_layers))
         check_hooks(model, config.hook_names([0]))  # the hook point exists in this architecture
-        self.init = self._initial_policy(config.init if init is None or isinstance(init, str | os.PathLike) else init)
-        self.config = self._recorded(
-            config,
-            model,
-            init,
-            given=(oracle, learner, reference_oracle),
-            model_named=named_model,
+        self.init = initial_policy(
+            config.init if init is None or isinstance(init, str | os.PathLike) else init, model, out, resume
         )
+        parts = {
+            "oracle": (oracle, self.oracle),
+            "reference_oracle": (reference_oracle, self.reference),
+            "learner": (learner, self.learner),
+        }
+        self.config = recorded_config(config, model, parts, self.given_prompts, init, model_named=named_model)
         self.callbacks: list[Any] = list(callbacks)
         self.progress = progress
         if self.out is not None:
@@ -200,57 +199,6 @@ class Sims:
             RunFolder(self.out).refuse_if_locked()
         self.state = LoopState(policy=self.init)
         self._collected: dict[int, Batch] = {}
-
-    def _prompt_lists(self, config: SimsConfig, *given: PromptSource) -> dict[str, Sequence[Prompt | str]]:
-        """Prompts given as lists, by key; a resumed run made from lists reads its folder's copies."""
-        lists: dict[str, Any] = {
-            key: value
-            for key, value in zip(("prompts", "heldout_prompts"), given, strict=True)
-            if value is not None and not isinstance(value, str | os.PathLike)
-        }
-        for key in ("prompts", "heldout_prompts"):
-            if key not in lists and str(getattr(config, key)).startswith(GIVEN) and self.out and self.resume:
-                from sims_lens.run_folder import RunFolder
-
-                lists[key] = RunFolder(self.out).load_prompts(key, config)
-        return {
-            key: resolve_prompts(value, "train" if key == "prompts" else "heldout", key) for key, value in lists.items()
-        }
-
-    def _recorded(
-        self, config: SimsConfig, model: Any, init: Any, given: tuple[Any, ...], model_named: bool
-    ) -> SimsConfig:
-        """The configuration config.toml records: what "auto" and each object given became."""
-        from sims_lens.models import dtype_name
-        from sims_lens.oracles.base import ORACLES
-        from sims_lens.steering.learners import LEARNERS
-
-        oracle, learner, reference = given
-        changes: dict[str, Any] = {
-            "dtype": dtype_name(next(model.parameters()).dtype),
-            "positions": learner_positions(self.learner, config.positions),
-            **{key: given_marker(prompts) for key, prompts in self.given_prompts.items()},
-        }
-        loaded_as = getattr(model, "sims_lens_name", None)  # the name load_model was given
-        if loaded_as:
-            changes["model"] = loaded_as
-        elif not model_named:
-            changes["model"] = f"{GIVEN}model {getattr(model.cfg, 'model_name', '')}".strip()
-        tables = {"oracles": copy.deepcopy(config.oracles), "learners": copy.deepcopy(config.learners)}
-        for key, part, spec, registry, table in (
-            ("oracle", self.oracle, oracle, ORACLES, "oracles"),
-            ("reference_oracle", self.reference, reference, ORACLES, "oracles"),
-            ("learner", self.learner, learner, LEARNERS, "learners"),
-        ):
-            if spec is not None and not isinstance(spec, str):
-                kind = key.removesuffix("_oracle").replace("reference", "oracle")
-                name, settings = part_record(part, registry, kind, relative=key == "oracle" and is_relative(part))
-                changes[key] = name
-                if settings is not None:
-                    tables[table][name] = settings
-        if init is not None and not isinstance(init, str | os.PathLike):
-            changes["init"] = given_marker(init)
-        return replace(config, **{**changes, **tables})
 
     @classmethod
     def from_config(cls, config: SimsConfig, *, model: Any = None, tokenizer: Any = None, **kwargs: Any) -> Sims:
@@ -265,30 +213,6 @@ class Sims:
     def run(self) -> list[IterationResult]:
         """Every remaining iteration; the results in order."""
         return list(self.iterate())
-
-    def _initial_policy(self, init: Any) -> SteeringSet | None:
-        """The policy iteration 1 samples with: ``init`` (a SteeringSet or a steering file), else None (pi_0).
-
-        A resumed run that has finished an iteration goes on from its own policy and reads no init; an
-        init given as an object is read back from the run folder's copy.
-        """
-        from sims_lens.run_folder import RunFolder
-
-        folder = RunFolder(self.out) if self.out is not None else None
-        if folder is not None and self.resume and folder.state_path.is_file() and folder.completed_iterations:
-            return None
-        if init is None or init == "":
-            return None
-        if isinstance(init, str | os.PathLike):
-            source = os.fspath(init)
-            if source.startswith(GIVEN) and folder is not None and self.resume and folder.init_path.is_file():
-                return load_steering(folder.init_path, self.model)
-            return load_steering(check_not_marker(source, "init"), self.model)
-        if not isinstance(init, SteeringSet):
-            raise TypeError(f"init must be a SteeringSet or the path of a .safetensors steering file, got {type(init)}")
-        check_hooks(self.model, init.hooks)
-        check_compatible(steering_metadata(init, None), self.model, source="init")
-        return init
 
     def iterate(self) -> Iterator[IterationResult]:
         """Yield iterations ``state.completed + 1 .. config.iterations`` (a resumed state goes on).

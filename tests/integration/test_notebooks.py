@@ -119,7 +119,7 @@ def test_01_quickstart(smoke):
     assert finite(s["policy_reward"]) and finite(s["base_reward"])
     assert all(-1 <= r <= 1 for r in s["policy_reward"])  # VADER compound scores
     assert all(n >= 1 for n in s["pairs"])
-    assert s["oracle"] == "warmth"  # the notebook's own function was the oracle
+    assert s["oracle"] == "python:oracle warmth"  # the notebook's own function was the oracle
     assert {"policy", "base (iteration 0)"} <= set(s["traces"])
     assert len(s["steered"]) == len(s["unsteered"]) == 2 and all(s["steered"])
     assert s["steered"] != s["unsteered"]  # the policy changed what the model says
