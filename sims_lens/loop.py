@@ -175,9 +175,11 @@ class Sims:
         self.learner = resolve_learner(learner, config)
         self.given_prompts = prompt_lists(config, {"prompts": prompts, "heldout_prompts": heldout_prompts}, out, resume)
         """Prompts given as lists (all of them; a run folder keeps a copy), by configuration key."""
-        self.train_prompts = resolve_prompts(self.given_prompts.get("prompts", config.prompts), "train", "prompts")
-        heldout = self.given_prompts.get("heldout_prompts", config.heldout_prompts)
-        self.heldout_prompts = resolve_prompts(heldout, "heldout", "heldout_prompts")[: config.heldout_size]
+        self.train_prompts = self.given_prompts.get("prompts") or resolve_prompts(config.prompts, "train", "prompts")
+        heldout = self.given_prompts.get("heldout_prompts") or resolve_prompts(
+            config.heldout_prompts, "heldout", "heldout_prompts"
+        )
+        self.heldout_prompts = heldout[: config.heldout_size]
         check_run(config, self.oracle, self.train_prompts, self.heldout_prompts, int(model.cfg.n_layers))
         check_hooks(model, config.hook_names([0]))  # the hook point exists in this architecture
         self.init = initial_policy(
@@ -229,7 +231,6 @@ class Sims:
 
     def prepare(self) -> None:
         """Before the loop: the memory bank, the base model's held-out evaluation, the steered layers."""
-        resolve_observe(self.config.observe, self.n_layers)  # an observed layer the model lacks fails before any work
         if self.state.bank is None and self.config.contrast_sampling:
             self.state.bank = MemoryBank(self.config.contrast.bank_size)
         fresh = self.state.base_heldout is None
