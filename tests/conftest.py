@@ -35,3 +35,15 @@ def embedded():
     from sims_lens.models import load_model
 
     return load_model(None, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    """The embedded model's plain Hugging Face module (float32, eager attention), for steering-vectors."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sims_lens.models import cached_folder_for, embedded_gguf_path
+
+    folder = cached_folder_for(embedded_gguf_path())
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager").eval()

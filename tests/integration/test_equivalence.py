@@ -12,7 +12,6 @@ import torch
 
 from sims_lens.capture import capture
 from sims_lens.chat import Exchange, chat_text, encode_text
-from sims_lens.models import cached_folder_for, embedded_gguf_path
 from sims_lens.steering.functions import SteeringFunction, SteeringSet
 from sims_lens.steering.hooks import apply_steering
 from sims_lens.steering.learners import make_learner
@@ -30,14 +29,6 @@ PAIRS = [
     ("Describe your street.", "A friendly, cheerful place.", "A dull, grim place."),
     ("How are Mondays?", "A great fresh start!", "Dreadful and exhausting."),
 ]
-
-
-@pytest.fixture(scope="module")
-def hf_model():
-    from transformers import AutoModelForCausalLM
-
-    folder = cached_folder_for(embedded_gguf_path())
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager").eval()
 
 
 def texts(tok, index: int) -> list[str]:

@@ -12,22 +12,10 @@ import torch
 import sims_lens
 from sims_lens import fit_pairs
 from sims_lens.chat import chat_text, encode_text
-from tests.integration.test_equivalence import hf_model  # noqa: F401  (the embedded model's Hugging Face module)
+from tests.integration.test_equivalence import LAYERS, PAIRS, steering_vectors
 from tests.unit.test_library import readme_example
 
-steering_vectors = pytest.importorskip(
-    "steering_vectors", reason="install with: pip install --no-deps steering-vectors==0.12.2"
-)
-
 pytestmark = pytest.mark.integration
-
-LAYERS = [3, 10, 15, 24]
-PAIRS = [
-    ("How was your day?", "It was wonderful, thank you!", "It was awful, nothing went right."),
-    ("What do you think of rain?", "Rain is lovely and refreshing.", "Rain is miserable and cold."),
-    ("Describe your street.", "A friendly, cheerful place.", "A dull, grim place."),
-    ("How are Mondays?", "A great fresh start!", "Dreadful and exhausting."),
-]
 
 
 def test_readme_example_runs_as_printed_on_the_embedded_model(embedded, monkeypatch):
@@ -42,7 +30,7 @@ def test_readme_example_runs_as_printed_on_the_embedded_model(embedded, monkeypa
     assert namespace["sims"].policy.hooks == ["blocks.15.hook_resid_post"] and len(lines[3]) > 10
 
 
-def test_fit_pairs_last_token_equals_steering_vectors(embedded, hf_model):  # noqa: F811
+def test_fit_pairs_last_token_equals_steering_vectors(embedded, hf_model):
     model, tok = embedded
     ours = fit_pairs(model, tok, PAIRS, learner="mean_diff", layers=LAYERS, reduction="last")
     texts = [(chat_text(tok, p) + chosen, chat_text(tok, p) + rejected) for p, chosen, rejected in PAIRS]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +29,11 @@ from analysis.logit_lens import direction_logits, lens_rows, logit_lens, steerin
 from analysis.report import report, summary_table
 from analysis.run_data import load_run
 from analysis.watch import refresh
-from sims_lens.config import load_config
 from sims_lens.generation import GenerationSettings
-from sims_lens.loop import Sims
 from sims_lens.prompts import Prompt
 from sims_lens.separability import separability_by_hook
 from sims_lens.steering.functions import SteeringFunction, SteeringSet
+from tests.helpers import HELDOUT, LetterOracle, tiny_sims
 
 S2 = 1 / math.sqrt(2)
 E0, E1, E2 = torch.eye(4)[0], torch.eye(4)[1], torch.eye(4)[2]
@@ -218,53 +216,19 @@ def test_directions_read_together_equal_each_read_alone(tiny):
 # -- the live callback and the report on a tiny two-iteration run ------------------------------
 
 
-@dataclass
-class LetterOracle:
-    """Deterministic: the share of the letter 'e' in a response."""
-
-    name: str = "letter_e"
-
-    def score(self, prompts, responses):
-        return [[r.count("e") / max(len(r), 1) + 1e-3 * len(r) for r in group] for group in responses]
-
-
 TRAIN = [
     Prompt(f"t{i}", text)
     for i, text in enumerate(
         ["Tell me a story", "What is the sea?", "Write a short poem", "How do I cook rice?", "Explain gravity"]
     )
 ]
-HELDOUT = [Prompt("h0", "Tell me about dogs"), Prompt("h1", "What is a poem?")]
-SETTINGS = {
-    "iterations": 2,
-    "prompts_per_iteration": 4,
-    "samples_per_prompt": 3,
-    "max_new_tokens": 6,
-    "layers": [0, 1],
-    "margin": 0.0,
-    "eval_samples_per_prompt": 1,
-    "heldout_size": 2,
-    "batch_size": 12,
-    "top_p": 1.0,
-}
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny, tmp_path_factory):
     """A finished two-iteration run folder written with the live analysis callback, and its results."""
-    model, tok = tiny
-    config = load_config(None, [f"{k}={json.dumps(v)}" for k, v in SETTINGS.items()])
     out = tmp_path_factory.mktemp("analysis") / "run"
-    sims = Sims(
-        model,
-        tok,
-        config=config,
-        oracle=LetterOracle(),
-        prompts=TRAIN,
-        heldout_prompts=HELDOUT,
-        out=out,
-        progress=False,
-    )
+    sims = tiny_sims(tiny, prompts=TRAIN, batch_size=12, out=out)  # five training prompts of its own
     sims.callbacks.append(LiveAnalysis(out))
     results = list(sims.iterate())
     return out, results
