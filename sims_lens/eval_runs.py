@@ -35,7 +35,7 @@ from sims_lens.chat import Exchange, encode_chat, end_token_ids
 from sims_lens.config import SimsConfig
 from sims_lens.contrast import Pair, Sample
 from sims_lens.evaluation import response_nll
-from sims_lens.fitting import capture_pairs, fit_steering
+from sims_lens.fitting import capture_selected, fit_steering
 from sims_lens.generation import GenerationSettings, decode_response
 from sims_lens.groups import chunked
 from sims_lens.oracles import is_relative, make_oracle
@@ -214,15 +214,7 @@ def _fit_on_all_pairs(folder: RunFolder, config: SimsConfig, model: Any, tokeniz
 
     pairs = [Pair(sample(r["prompt_id"], r["positive"]), sample(r["prompt_id"], r["negative"])) for r in records]
     layers = folder.read_state().get("layers") or []
-    activations = capture_pairs(
-        model,
-        tokenizer,
-        [p.positive.exchange for p in pairs],
-        [p.negative.exchange for p in pairs],
-        [p.positive.prompt_id for p in pairs],
-        config.hook_names(layers),
-        batch_size=config.batch_size,
-    )
+    activations = capture_selected(model, tokenizer, pairs, config.hook_names(layers), batch_size=config.batch_size)
     learner = make_learner(config.learner, config.learner_settings())
     return fit_steering(
         learner,

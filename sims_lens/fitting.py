@@ -16,6 +16,7 @@ from sims_lens.activations import PairActivations
 from sims_lens.capture import REDUCTIONS, capture_activations, pair_tokens
 from sims_lens.chat import Exchange, encode_chat, end_token_ids, response_ids_for_text
 from sims_lens.config import HOOK_SUFFIXES, parse_layers, resolve_layers
+from sims_lens.contrast import Pair
 from sims_lens.pairs import PairSource, load_pairs
 from sims_lens.steering.functions import SteeringSet
 from sims_lens.steering.hooks import check_hooks
@@ -87,6 +88,21 @@ def capture_pairs(
     )
     return PairActivations(
         iteration, list(prompt_ids), list(hooks), pos.tokens, neg.tokens, list(observed), pos.means, neg.means
+    )
+
+
+def capture_selected(
+    model: Any, tokenizer: Any, pairs: Sequence[Pair], hooks: Sequence[str], **options: Any
+) -> PairActivations:
+    """:func:`capture_pairs` of selected D+/D- pairs (each pair's prompt is its id); ``options`` as there."""
+    return capture_pairs(
+        model,
+        tokenizer,
+        [p.positive.exchange for p in pairs],
+        [p.negative.exchange for p in pairs],
+        [p.positive.prompt_id for p in pairs],
+        hooks,
+        **options,
     )
 
 

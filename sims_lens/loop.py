@@ -43,7 +43,7 @@ from sims_lens.chat import Exchange, encode_chat
 from sims_lens.config import SimsConfig, resolve_layers, resolve_observe
 from sims_lens.contrast import MemoryBank, Sample, Selection, label_samples, select_pairs
 from sims_lens.evaluation import Evaluation, evaluate, head_to_head, heldout_seed
-from sims_lens.fitting import capture_pairs, fit_steering, learner_positions
+from sims_lens.fitting import capture_selected, fit_steering, learner_positions
 from sims_lens.generation import GenerationSettings, decode_response
 from sims_lens.groups import chunked
 from sims_lens.iteration import Callback, IterationResult, LoopState
@@ -413,12 +413,10 @@ class Sims:
         """
         pairs = selection.pairs
         with self._bar(2 * len(pairs), f"iter {iteration}: capture") as bar:
-            return capture_pairs(
+            return capture_selected(
                 self.model,
                 self.tokenizer,
-                [p.positive.exchange for p in pairs],
-                [p.negative.exchange for p in pairs],
-                [p.positive.prompt_id for p in pairs],
+                pairs,
                 hooks,
                 iteration=iteration,
                 observed=observed,
