@@ -22,6 +22,10 @@ from sims_lens.steering.functions import layer_of
 SEPARABILITY_SPAN = 0.5
 """Colour range of accuracy minus null: [-0.5, 0.5] (fixed, so runs compare by colour)."""
 
+THRESHOLD_METRIC = "probe_accuracy_threshold"
+"""The per-iteration row (no layer) of the 95% family-wise permutation threshold of probe accuracy."""
+THRESHOLD_LABEL = "95% family-wise permutation threshold (max over layers)"
+
 NO_OBSERVED = (
     "no observed activations: this run observed only its steered layers (made before every layer was observed)"
 )
@@ -45,6 +49,13 @@ def layer_grid(rows: pd.DataFrame, metric: str, layers: list[int], iterations: l
     return grid.reindex(index=layers, columns=iterations).to_numpy(dtype=float)
 
 
+def _thresholds(metrics: pd.DataFrame, split: str, iterations: list[int]) -> np.ndarray:
+    """Per iteration, the ``split``'s :data:`THRESHOLD_METRIC` row (NaN where it has none: older runs)."""
+    rows = metrics[(metrics["metric"] == THRESHOLD_METRIC) & (metrics["split"] == split)]
+    by_iteration = rows.drop_duplicates("iteration", keep="last").set_index("iteration")["value"]
+    return by_iteration.reindex(iterations).to_numpy(dtype=float)
+
+
 def _axes(rows: pd.DataFrame) -> tuple[list[int], list[int]]:
     return sorted({int(v) for v in rows["layer"]}), sorted({int(v) for v in rows["iteration"]})
 
@@ -56,6 +67,11 @@ def separability_layers_figure(metrics: pd.DataFrame, height: int | None = None)
     so 0 means "not linearly readable" whatever the number of pairs and dimensions; accuracy and null
     are in the hover. Older runs without null rows use 0.5 as the reference (the title says so). Every
     observed layer where the live analysis wrote ``analysis`` rows, else the steered layers' ``train`` rows.
+
+    A star marks each cell whose accuracy exceeds its iteration's ``probe_accuracy_threshold`` of the
+    same split (the 95% family-wise permutation threshold, the null's maximum over these layers):
+    the best of ~30 layers beats its own null by chance, so only a starred layer is separable beyond
+    that. The threshold is in the hover; a split without threshold rows (older runs) has no stars.
     """
     title = "Separability of H+ vs H- per layer and iteration"
     rows = _layer_metric_rows(metrics, ["probe_accuracy", "probe_accuracy_null"])
@@ -66,12 +82,15 @@ def separability_layers_figure(metrics: pd.DataFrame, height: int | None = None)
     null = layer_grid(rows, "probe_accuracy_null", layers, iterations)
     has_null = not np.isnan(null).all()
     reference = null if has_null else np.full_like(accuracy, 0.5)
+    threshold = _thresholds(metrics, str(rows["split"].iloc[0]), iterations)
+    has_threshold = not np.isnan(threshold).all()
+    cell_threshold = np.broadcast_to(threshold, accuracy.shape)
     fig = go.Figure(
         go.Heatmap(
             z=accuracy - reference,
             x=[str(t) for t in iterations],
             y=[str(layer) for layer in layers],
-            customdata=np.dstack([accuracy, reference]),
+            customdata=np.dstack([accuracy, reference, cell_threshold] if has_threshold else [accuracy, reference]),
             zmin=-SEPARABILITY_SPAN,
             zmax=SEPARABILITY_SPAN,
             zmid=0.0,
@@ -80,14 +99,35 @@ def separability_layers_figure(metrics: pd.DataFrame, height: int | None = None)
             texttemplate=cell_text(len(layers)),
             hovertemplate="layer %{y}, iteration %{x}<br>probe accuracy %{customdata[0]:.3f}<br>"
             + ("null" if has_null else "chance")
-            + " %{customdata[1]:.3f}<br>difference %{z:+.3f}<extra></extra>",
+            + " %{customdata[1]:.3f}<br>difference %{z:+.3f}"
+            + (f"<br>{THRESHOLD_LABEL}: %{{customdata[2]:.3f}}" if has_threshold else "")
+            + "<extra></extra>",
             name="separability",
         )
     )
+    above = np.argwhere(accuracy > cell_threshold)  # NaN compares False: no star without a threshold
+    if len(above):
+        fig.add_trace(
+            go.Scatter(
+                x=[str(iterations[j]) for _, j in above],
+                y=[str(layers[i]) for i, _ in above],
+                mode="markers",
+                marker={"symbol": "star", "size": 11, "color": "black", "line": {"color": "white", "width": 1}},
+                customdata=np.stack([accuracy[i, j] for i, j in above]),
+                hovertext=[f"{cell_threshold[i, j]:.3f}" for i, j in above],
+                hovertemplate="layer %{y}, iteration %{x}<br>probe accuracy %{customdata:.3f} above the "
+                + THRESHOLD_LABEL
+                + " %{hovertext}<extra></extra>",
+                name=f"above the {THRESHOLD_LABEL}",
+                showlegend=True,
+            )
+        )
+        fig.update_layout(legend={"orientation": "h", "x": 0.0, "y": -0.12, "yanchor": "top"})
     if has_null:
         title += (
             "<br><sub>cross-validated probe accuracy minus its permutation null (0 = chance; folds grouped by prompt)"
-            "</sub>"
+            + (f"; ★ above the {THRESHOLD_LABEL}" if has_threshold else "")
+            + "</sub>"
         )
     else:
         title += "<br><sub>probe accuracy minus 0.5 (older run: no permutation null)</sub>"

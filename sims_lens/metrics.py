@@ -19,7 +19,7 @@ from torch import Tensor
 from sims_lens.contrast import Sample, Selection, group_by_prompt
 from sims_lens.evaluation import Evaluation
 from sims_lens.oracles.base import agreement
-from sims_lens.separability import separability_by_hook
+from sims_lens.separability import probe_accuracy_threshold, separability_by_hook
 from sims_lens.steering.functions import SteeringSet, layer_of
 
 METRIC_COLUMNS = ["iteration", "split", "metric", "layer", "value"]
@@ -117,8 +117,12 @@ def layer_rows(
 
     ``prompt_ids[i]`` is the prompt of pair ``i``: separability (``probe_accuracy``, its permutation
     null ``probe_accuracy_null`` and ``fisher_ratio``) is cross-validated over folds of prompts
-    (:func:`sims_lens.separability.separability`). With every pair from one prompt
-    (``pairs_per_prompt`` > 1) nothing can be held out, and the three are NaN.
+    (:func:`sims_lens.separability.separability`). One more row, ``probe_accuracy_threshold`` (no
+    layer), is the 95% family-wise permutation threshold over these hooks
+    (:func:`sims_lens.separability.probe_accuracy_threshold`: the null's maximum over layers): a
+    layer whose ``probe_accuracy`` exceeds it is separable beyond what picking the best of them
+    gives by chance. With every pair from one prompt (``pairs_per_prompt`` > 1) nothing can be held
+    out, and all four are NaN.
     """
     fit_norms, policy_norms = fitted.norms(), policy.norms()
     measured = separability_by_hook(positives, negatives, hooks, prompt_ids, seed=seed)
@@ -132,6 +136,8 @@ def layer_rows(
             metric_row(iteration, "train", "probe_accuracy_null", sep.probe_accuracy_null, layer),
             metric_row(iteration, "train", "fisher_ratio", sep.fisher_ratio, layer),
         ]
+    threshold = probe_accuracy_threshold(positives, negatives, prompt_ids, seed=seed)
+    rows.append(metric_row(iteration, "train", "probe_accuracy_threshold", threshold))
     return rows
 
 

@@ -12,6 +12,11 @@ the training fold's rows, so per fold the probes of the real labels and of every
 one standardisation and one factorisation
 (:func:`~sims_lens.steering.learners.probe.fit_logistic_labels`), each fitted exactly in the span of
 the fold's rows.
+
+Significance across layers (:func:`probe_accuracy_threshold`): the best of ~30 layers' accuracies
+beats its own null by chance alone, so a layer counts as readable only above the 95th percentile
+of the *maximum over layers* of the permutation-null accuracy, each permutation relabelling every
+layer alike (a family-wise null).
 """
 
 from __future__ import annotations
@@ -36,6 +41,11 @@ PromptIds = Sequence[Hashable] | None
 
 Folds = list[tuple[np.ndarray, np.ndarray]]
 """``(train, test)`` arrays of pair indices, one entry per fold."""
+
+THRESHOLD_PERMUTATIONS = 100
+"""Sign-flip permutations behind :func:`probe_accuracy_threshold` (its 95th percentile is then the 96th of 100)."""
+THRESHOLD_LEVEL = 0.95
+"""The quantile :func:`probe_accuracy_threshold` takes: pure noise puts any layer above it about 5% of the time."""
 
 
 @dataclass(frozen=True)
@@ -186,14 +196,81 @@ def separability_by_hook(
     ``prompt_ids[i]`` is the prompt of pair ``i`` (None: one prompt per pair). With fewer than 2
     prompts nothing can be held out by prompt, so every value is NaN.
     """
-    if positives.ndim != 3 or positives.shape != negatives.shape or positives.shape[1] != len(hooks):
-        raise ValueError(
-            f"positives and negatives must be paired [n_pairs, {len(hooks)} hooks, d_model] alike, got "
-            f"{tuple(positives.shape)} and {tuple(negatives.shape)}"
-        )
+    _check_by_hook(positives, negatives, len(hooks))
     if prompt_ids is not None and len(set(prompt_ids)) < 2:
         return dict.fromkeys(hooks, Separability(math.nan, math.nan, math.nan))
     return {hook: separability(positives[:, i], negatives[:, i], prompt_ids, seed=seed) for i, hook in enumerate(hooks)}
+
+
+def null_accuracies(
+    positives: Float[Tensor, "n_pairs n_hooks d_model"],
+    negatives: Float[Tensor, "n_pairs n_hooks d_model"],
+    prompt_ids: PromptIds,
+    *,
+    seed: int,
+    permutations: int = THRESHOLD_PERMUTATIONS,
+    folds: int = 5,
+    l2: float = 1e-2,
+) -> Float[np.ndarray, "permutations n_hooks"]:
+    """``[permutations, n_hooks]``: :func:`probe_accuracy` at every hook under each sign-flip permutation.
+
+    Permutation ``r`` is the one :func:`probe_accuracy_null` draws (``derive_seed(seed, "null", r)``,
+    so its first ``repeats`` rows average to that null) and relabels the pairs of *every* hook alike:
+    a row is one draw of the whole family of hooks under "no preference", the distribution the
+    maximum over hooks needs. The folds are :func:`pair_folds`' for ``seed``, as everywhere here.
+    """
+    _check_by_hook(positives, negatives)
+    if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < 1:
+        raise ValueError(f"null_accuracies: permutations must be an integer >= 1, got {permutations!r}")
+    n_pairs = positives.shape[0]
+    splits = pair_folds(prompt_ids, n_pairs, folds=folds, seed=seed, name="null_accuracies")
+    flips = _null_flips(_prompt_codes(prompt_ids, n_pairs, "null_accuracies"), seed, permutations)
+    columns = []
+    for i in range(positives.shape[1]):
+        pos, neg = check_activations(positives[:, i], negatives[:, i], paired=True, learner="null_accuracies")
+        columns.append(_cv_accuracies(pos, neg, splits, l2, flips))
+    return np.array(columns, dtype=np.float64).reshape(positives.shape[1], permutations).T
+
+
+def probe_accuracy_threshold(
+    positives: Float[Tensor, "n_pairs n_hooks d_model"],
+    negatives: Float[Tensor, "n_pairs n_hooks d_model"],
+    prompt_ids: PromptIds,
+    *,
+    seed: int,
+    permutations: int = THRESHOLD_PERMUTATIONS,
+    level: float = THRESHOLD_LEVEL,
+    folds: int = 5,
+    l2: float = 1e-2,
+) -> float:
+    """The 95% family-wise permutation threshold of probe accuracy over a set of hooks (max over layers).
+
+    Per permutation of :func:`null_accuracies` the best accuracy over the hooks, then the ``level``
+    quantile of those maxima (``method="higher"``: an attained value, the conservative side). A
+    hook whose :func:`probe_accuracy` exceeds it is linearly readable at family-wise level
+    ``1 - level``: pure noise at every hook puts *any* hook above it in about 5% of data sets,
+    where each hook's own null 95th percentile would often be beaten by one of 30 noise
+    layers (with 16 pairs one layer's null spreads by about 0.1 around 0.5). NaN with fewer
+    than 2 prompts (nothing can be held out by prompt), as in :func:`separability_by_hook`.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"probe_accuracy_threshold: level must be in (0, 1), got {level!r}")
+    _check_by_hook(positives, negatives)
+    if positives.shape[1] == 0 or (prompt_ids is not None and len(set(prompt_ids)) < 2):
+        return math.nan
+    null = null_accuracies(positives, negatives, prompt_ids, seed=seed, permutations=permutations, folds=folds, l2=l2)
+    return float(np.quantile(null.max(axis=1), level, method="higher"))
+
+
+def _check_by_hook(positives: Tensor, negatives: Tensor, n_hooks: int | None = None) -> None:
+    """``positives`` and ``negatives`` are ``[n_pairs, n_hooks, d_model]`` alike (any ``n_hooks`` if None)."""
+    hooks_ok = positives.ndim == 3 and (n_hooks is None or positives.shape[1] == n_hooks)
+    if not hooks_ok or positives.shape != negatives.shape:
+        hooks = "n" if n_hooks is None else n_hooks
+        raise ValueError(
+            f"positives and negatives must be paired [n_pairs, {hooks} hooks, d_model] alike, got "
+            f"{tuple(positives.shape)} and {tuple(negatives.shape)}"
+        )
 
 
 def _prompt_codes(prompt_ids: PromptIds, n_pairs: int, name: str) -> np.ndarray:

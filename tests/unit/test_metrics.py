@@ -23,7 +23,7 @@ from sims_lens.metrics import (
     metric_row,
     tidy_metrics,
 )
-from sims_lens.separability import separability
+from sims_lens.separability import probe_accuracy_threshold, separability
 from sims_lens.steering.functions import SteeringFunction, SteeringSet
 
 
@@ -190,7 +190,11 @@ def test_layer_rows_report_the_three_measures_per_layer_and_nan_for_a_single_pro
         seed=5,
     )
     got = {(r["metric"], r["layer"]): r["value"] for r in rows}
-    assert {r["split"] for r in rows} == {"train"} and {layer for _, layer in got} == {1, 4}
+    assert {r["split"] for r in rows} == {"train"} and {layer for _, layer in got} == {1, 4, None}
+    # one row without a layer: the family-wise threshold over the steered layers
+    assert [metric for metric, layer in got if layer is None] == ["probe_accuracy_threshold"]
+    threshold = probe_accuracy_threshold(positives, negatives, groups, seed=5)
+    assert got[("probe_accuracy_threshold", None)] == threshold and 0.5 < threshold <= 1.0
     expected = separability(pos, neg, groups, seed=5)
     for layer in (1, 4):
         assert got[("probe_accuracy", layer)] == expected.probe_accuracy
@@ -208,6 +212,7 @@ def test_layer_rows_report_the_three_measures_per_layer_and_nan_for_a_single_pro
     )
     at_1 = {r["metric"]: r["value"] for r in single if r["layer"] == 1}
     assert math.isnan(at_1["probe_accuracy"]) and math.isnan(at_1["fisher_ratio"]) and at_1["fit_norm"] == 2.0
+    assert math.isnan(next(r["value"] for r in single if r["metric"] == "probe_accuracy_threshold"))
 
 
 def test_layer_rows_take_each_hooks_own_activations_and_norms():
@@ -225,7 +230,7 @@ def test_layer_rows_take_each_hooks_own_activations_and_norms():
         policy=_adds(hooks, [3.0, -2.0]),
         seed=0,
     )
-    assert len(rows) == 2 * 5 and {(r["iteration"], r["split"]) for r in rows} == {(3, "train")}
+    assert len(rows) == 2 * 5 + 1 and {(r["iteration"], r["split"]) for r in rows} == {(3, "train")}
     got = {(r["metric"], r["layer"]): r["value"] for r in rows}
     # norms of c * ones(4): 2 |c|
     assert (got[("fit_norm", 0)], got[("fit_norm", 3)]) == (2.0, 1.0)

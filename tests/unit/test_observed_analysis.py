@@ -310,6 +310,23 @@ def test_the_separability_heatmap_is_layer_by_iteration_without_cell_text():
     assert fig.data[0].z[0, 0] == pytest.approx(0.2)
 
 
+def test_the_separability_heatmap_stars_layers_above_the_family_wise_threshold():
+    threshold = [(t, "analysis", "probe_accuracy_threshold", None, 0.9 if t < N_ITER else 0.97) for t in range(1, 13)]
+    train = [(1, "train", "probe_accuracy_threshold", None, 0.4)]  # the loop's, over the steered layers only
+    extra = pd.DataFrame(threshold + train, columns=["iteration", "split", "metric", "layer", "value"])
+    fig = separability_layers_figure(tidy_metrics(pd.concat([long_metrics(), extra], ignore_index=True)))
+    heat, stars = fig.data
+    assert np.asarray(heat.customdata).shape == (N_LAYERS, N_ITER, 3)
+    assert np.asarray(heat.customdata)[0, 0, 2] == pytest.approx(0.9) and "max over layers" in heat.hovertemplate
+    # READABLE (0.95) beats 0.9 at every iteration but the last (0.97); no other layer (<= 0.54) beats it
+    assert list(stars.y) == [str(READABLE)] * (N_ITER - 1) and list(stars.x) == [str(t) for t in range(1, N_ITER)]
+    assert stars.mode == "markers" and "95% family-wise permutation threshold (max over layers)" in stars.name
+    assert "family-wise" in fig.layout.title.text
+    # no threshold rows of the shown split (older runs): no stars, whatever the train split has
+    plain = separability_layers_figure(tidy_metrics(pd.concat([long_metrics(), extra.iloc[-1:]], ignore_index=True)))
+    assert len(plain.data) == 1 and "family-wise" not in plain.layout.title.text
+
+
 def test_candidate_drift_heatmaps_are_layer_by_iteration():
     fig = candidate_drift_figure(long_metrics())
     assert [t.type for t in fig.data] == ["heatmap", "heatmap"]

@@ -17,9 +17,11 @@ from sims_lens.seeds import derive_seed
 from sims_lens.separability import (
     Separability,
     fisher_ratio,
+    null_accuracies,
     pair_folds,
     probe_accuracy,
     probe_accuracy_null,
+    probe_accuracy_threshold,
     separability,
 )
 from sims_lens.steering.learners.probe import fit_logistic, logistic_weights
@@ -280,7 +282,58 @@ def test_separability_fits_every_labeling_of_a_fold_on_one_factorisation(monkeyp
     assert sum(rows for _, rows in calls) == 2 * 16 * 4  # each pair trains in 4 of the 5 folds
 
 
-# -- (g) errors ----------------------------------------------------------------------------------
+# -- (g) the family-wise threshold over layers ------------------------------------------------
+
+
+def _layers(n: int = 16, d: int = 6, layers: int = 4, planted: int | None = 2) -> tuple[Tensor, Tensor, list[str]]:
+    """``[n, layers, d]`` pairs of noise, but for a separable direction planted in layer ``planted``."""
+    g = _gen(40)
+    pos, neg = torch.randn(n, layers, d, generator=g), torch.randn(n, layers, d, generator=g)
+    if planted is not None:
+        pos[:, planted], neg[:, planted] = _two_gaussians(n, d, 3.0, seed=41)
+    return pos, neg, [f"p{i // 2}" for i in range(n)]
+
+
+def test_a_planted_separable_layer_exceeds_the_family_wise_threshold() -> None:
+    pos, neg, groups = _layers()
+    threshold = probe_accuracy_threshold(pos, neg, groups, seed=0)
+    assert 0.5 < threshold < 1.0
+    accuracies = [probe_accuracy(pos[:, i], neg[:, i], groups, seed=0) for i in range(4)]
+    assert accuracies[2] > threshold
+    assert all(a <= threshold for i, a in enumerate(accuracies) if i != 2)  # this seed's noise layers do not
+
+
+def test_the_threshold_dominates_every_layers_own_null_95th_percentile() -> None:
+    """The same permutation relabels every layer (a column of the family's null is the layer's own null)."""
+    pos, neg, groups = _layers(planted=None)
+    null = null_accuracies(pos, neg, groups, seed=1, permutations=40)
+    assert null.shape == (40, 4)
+    threshold = probe_accuracy_threshold(pos, neg, groups, seed=1, permutations=40)
+    for i in range(4):
+        alone = null_accuracies(pos[:, i : i + 1], neg[:, i : i + 1], groups, seed=1, permutations=40)
+        assert np.array_equal(alone[:, 0], null[:, i])
+        assert threshold >= np.quantile(alone[:, 0], 0.95, method="higher")
+    assert threshold == np.quantile(null.max(axis=1), 0.95, method="higher")
+    assert threshold > np.quantile(null, 0.95, method="higher", axis=0).min()  # the max is a real correction here
+    # its first permutations are probe_accuracy_null's own
+    assert np.mean(null[:5, 3]) == separability(pos[:, 3], neg[:, 3], groups, seed=1).probe_accuracy_null
+
+
+def test_the_threshold_is_deterministic_given_the_seed_and_nan_for_one_prompt() -> None:
+    pos, neg, groups = _layers()
+    first = probe_accuracy_threshold(pos, neg, groups, seed=3, permutations=30)
+    assert probe_accuracy_threshold(pos, neg, groups, seed=3, permutations=30) == first
+    assert len({probe_accuracy_threshold(pos, neg, groups, seed=s, permutations=30) for s in range(4)}) > 1
+    assert math.isnan(probe_accuracy_threshold(pos, neg, ["one"] * 16, seed=3))
+    with pytest.raises(ValueError, match="permutations must be an integer >= 1"):
+        null_accuracies(pos, neg, groups, seed=0, permutations=0)
+    with pytest.raises(ValueError, match="level must be in"):
+        probe_accuracy_threshold(pos, neg, groups, seed=0, level=1.0)
+    with pytest.raises(ValueError, match="paired"):
+        probe_accuracy_threshold(pos, neg[:, :3], groups, seed=0)
+
+
+# -- (h) errors ----------------------------------------------------------------------------------
 
 
 def test_clear_errors_for_bad_prompt_ids_folds_and_inputs() -> None:
