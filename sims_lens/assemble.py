@@ -189,28 +189,44 @@ def check_not_marker(source: str, key: str) -> str:
 
 
 def check_run(
-    config: SimsConfig, oracle: Any, train: Sequence[Prompt], heldout: Sequence[Prompt], n_layers: int
+    config: SimsConfig,
+    oracle: Any,
+    train: Sequence[Prompt],
+    heldout: Sequence[Prompt],
+    n_layers: int,
+    validation: Sequence[Prompt] = (),
 ) -> None:
-    """Every check that joins settings with each other, the model or the prompts (one message each)."""
+    """Every check that joins settings with each other, the model or the prompts (one message each).
+
+    ``train``: the prompts iterations draw from, once ``validation`` has been set aside.
+    """
+    resolve_layers(config.layers, n_layers)  # a layer the model lacks fails here, before any work
+    resolve_observe(config.observe, n_layers)
     if not heldout:
         raise ConfigError("heldout_prompts: no held-out prompts; the loop measures every policy on them")
     if config.prompts == config.heldout_prompts and config.prompts != BUILTIN:
         raise ConfigError("prompts and heldout_prompts are the same file; evaluate on prompts the loop never trains on")
-    shared = {p.text for p in train} & {p.text for p in heldout}
+    shared = {p.text for p in [*train, *validation]} & {p.text for p in heldout}
     if shared:
         raise ConfigError(
             f"{len(shared)} held-out prompt(s) are also training prompts (e.g. {sorted(shared)[0]!r}); "
             "evaluate on prompts the loop never trains on"
         )
+    if config.uses_validation and len(validation) < config.validation_size:
+        raise ConfigError(
+            f"validation_size = {config.validation_size} but there are only {len(train) + len(validation)} training "
+            "prompts; the guard rail and top:K judge on prompts set aside from them and the loop needs some left: "
+            "lower validation_size or give more prompts"
+        )
+    aside = f" once validation_size = {len(validation)} are set aside" if validation else ""
     if len(train) < config.prompts_per_iteration:
         raise ConfigError(
-            f"prompts_per_iteration = {config.prompts_per_iteration} but there are only {len(train)} training prompts; "
-            "lower prompts_per_iteration or give more prompts"
+            f"prompts_per_iteration = {config.prompts_per_iteration} but there are only {len(train)} training "
+            f"prompts{aside}; lower prompts_per_iteration{' or validation_size' if validation else ''} or give more "
+            "prompts"
         )
     if config.pool_size is not None and config.pool_size > len(train):
-        raise ConfigError(f"prompt_pool = {config.pool_size} but there are only {len(train)} training prompts")
-    resolve_layers(config.layers, n_layers)  # a layer the model lacks fails here, before any work
-    resolve_observe(config.observe, n_layers)
+        raise ConfigError(f"prompt_pool = {config.pool_size} but there are only {len(train)} training prompts{aside}")
     if config.contrast_sampling and is_relative(oracle):
         raise ConfigError(
             f"contrast_sampling compares rewards across iterations, but the oracle {oracle_name(oracle)!r} only ranks "

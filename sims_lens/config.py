@@ -56,6 +56,10 @@ class SimsConfig:
     prompts: str = "builtin"
     heldout_prompts: str = "builtin"
     heldout_size: int = 20
+    validation_size: int = 8
+    """Training prompts set aside (never trained on) for the choices the loop makes: the guard rail's
+    perplexity check and ``layers = "top:K"``. Held-out prompts only report. Used only when the
+    guard is on or layers is top:K; a fixed, seed-independent subset (see ``split_validation``)."""
     iterations: int = 3
     prompts_per_iteration: int = 16
     samples_per_prompt: int = 4
@@ -164,6 +168,12 @@ class SimsConfig:
             self.max_perplexity_ratio,
             "a number > 1 (a multiple of the base model's perplexity), or 0 for no guard",
         )
+        _check(
+            isinstance(self.validation_size, int) and self.validation_size >= 0,
+            "validation_size",
+            self.validation_size,
+            "an integer >= 0 (training prompts set aside for the guard rail and top:K)",
+        )
         _check(self.on_rejected in ("keep", "stop"), "on_rejected", self.on_rejected, '"keep" or "stop"')
         _check(
             self.prompt_pool == 0 or self.prompt_pool >= self.prompts_per_iteration,
@@ -180,6 +190,17 @@ class SimsConfig:
             raise ConfigError(f"positions: {err}") from None
         self.layers = parse_layers(self.layers)
         self.observe = parse_observe(self.observe)
+        _check(
+            self.validation_size >= 1 or not self.uses_validation,
+            "validation_size",
+            self.validation_size,
+            "an integer >= 1 while the guard rail (max_perplexity_ratio) or layers = 'top:K' needs validation prompts",
+        )
+
+    @property
+    def uses_validation(self) -> bool:
+        """Whether the loop makes a choice on validation prompts (the guard rail, or top:K layers)."""
+        return self.max_perplexity_ratio > 0 or str(self.layers).startswith("top:")
 
     @property
     def pool_size(self) -> int | None:

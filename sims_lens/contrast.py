@@ -92,8 +92,12 @@ class Pair:
         """The two sides were sampled by different policies (only contrast sampling makes these)."""
         return self.positive.iteration != self.negative.iteration
 
-    def to_record(self, update: int) -> dict[str, object]:
-        """The ``pairs.jsonl`` record of this pair, used in update ``update``."""
+    def to_record(self, update: int, applied: bool = True) -> dict[str, object]:
+        """The ``pairs.jsonl`` record of this pair, selected in update ``update``.
+
+        ``applied`` is false when the guard rail rejected that update's policy: the pair was fitted
+        but never entered a policy (nor the memory bank's used set).
+        """
 
         def side(sample: Sample) -> dict[str, object]:
             return {"iteration": sample.iteration, "index": sample.index, "reward": sample.reward}
@@ -104,6 +108,7 @@ class Pair:
             "positive": side(self.positive),
             "negative": side(self.negative),
             "margin": self.margin,
+            "applied": applied,
         }
 
 

@@ -21,6 +21,8 @@ class LoopState:
     layers: list[int] | None = None
     bank: MemoryBank | None = None
     base_heldout: Evaluation | None = None
+    base_validation: Evaluation | None = None
+    """The base model on the validation prompts (the guard rail's reference; recomputed on resume)."""
 
 
 @dataclass

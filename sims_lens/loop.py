@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ from sims_lens.groups import chunked
 from sims_lens.iteration import Callback, IterationResult, LoopState
 from sims_lens.metrics import MetricRow, batch_rows, heldout_rows, layer_rows, metric_row
 from sims_lens.oracles.base import is_relative, judges_with_policy
-from sims_lens.prompts import Prompt, iteration_prompts
+from sims_lens.prompts import Prompt, iteration_prompts, split_validation
 from sims_lens.run import writing_run_folder
 from sims_lens.seeds import derive_seed
 from sims_lens.separability import probe_accuracy
@@ -82,7 +82,6 @@ class Guard:
     rejected: bool
     rows: list[MetricRow]
     kept_policy: SteeringSet | None = None
-    kept_heldout: Evaluation | None = None
     message: str = ""
 
 
@@ -175,12 +174,16 @@ class Sims:
         self.learner = resolve_learner(learner, config)
         self.given_prompts = prompt_lists(config, {"prompts": prompts, "heldout_prompts": heldout_prompts}, out, resume)
         """Prompts given as lists (all of them; a run folder keeps a copy), by configuration key."""
-        self.train_prompts = self.given_prompts.get("prompts") or resolve_prompts(config.prompts, "train", "prompts")
+        training = self.given_prompts.get("prompts") or resolve_prompts(config.prompts, "train", "prompts")
+        aside = min(config.validation_size, len(training) - 1) if config.uses_validation else 0  # check_run says
+        self.train_prompts, self.validation_prompts = split_validation(training, aside)
+        """Prompts iterations draw from, and those set aside for the loop's choices (``validation_size``)."""
         heldout = self.given_prompts.get("heldout_prompts") or resolve_prompts(
             config.heldout_prompts, "heldout", "heldout_prompts"
         )
         self.heldout_prompts = heldout[: config.heldout_size]
-        check_run(config, self.oracle, self.train_prompts, self.heldout_prompts, int(model.cfg.n_layers))
+        n_layers = int(model.cfg.n_layers)
+        check_run(config, self.oracle, self.train_prompts, self.heldout_prompts, n_layers, self.validation_prompts)
         check_hooks(model, config.hook_names([0]))  # the hook point exists in this architecture
         self.init = initial_policy(
             config.init if init is None or isinstance(init, str | os.PathLike) else init, model, out, resume
@@ -200,7 +203,6 @@ class Sims:
                 check_new_folder(self.out)
             RunFolder(self.out).refuse_if_locked()
         self.state = LoopState(policy=self.init)
-        self._collected: dict[int, Batch] = {}
 
     @classmethod
     def from_config(cls, config: SimsConfig, *, model: Any = None, tokenizer: Any = None, **kwargs: Any) -> Sims:
@@ -230,7 +232,7 @@ class Sims:
                 yield self.step(self.state.completed + 1)
 
     def prepare(self) -> None:
-        """Before the loop: the memory bank, the base model's held-out evaluation, the steered layers."""
+        """Before the loop: the memory bank, the base model on held-out and validation prompts, the layers."""
         if self.state.bank is None and self.config.contrast_sampling:
             self.state.bank = MemoryBank(self.config.contrast.bank_size)
         fresh = self.state.base_heldout is None
@@ -238,23 +240,26 @@ class Sims:
             self.state.base_heldout = self.evaluate(None)
         rows = heldout_rows(0, self.state.base_heldout, None, **self._relative)
         self._phase(0, "base", evaluation=self.state.base_heldout, fresh=fresh, metrics=rows)
+        if self.state.base_validation is None and self.config.max_perplexity_ratio > 0:
+            self.state.base_validation = self.validate(None)
         if self.state.layers is None:
             self.state.layers = resolve_layers(self.config.layers, self.n_layers) or self.choose_layers()
 
     def step(self, iteration: int) -> IterationResult:
         """One SIMS iteration t (1-based), the paper's seven steps; advances :attr:`state`."""
-        batch = self._collected.pop(iteration, None) or self.collect(iteration, self.hooks)  # steps 1-5
+        batch = self.collect(iteration, self.hooks)  # steps 1-5
         fitted = self.fit(iteration, batch)  # step 6
         policy = apply_update(self.state.policy, fitted, self.config.update, self.config.rate)  # step 7
-        if self.state.bank is not None:  # contrast sampling: these pairs have entered the policy
-            self.state.bank.mark_used(batch.selection.pairs)
         self._phase(iteration, "fit", fitted=fitted, policy=policy)
-        heldout = self.evaluate(policy)
-        assert self.state.base_heldout is not None
-        guard = self.guard(iteration, fitted, heldout)
+        guard = self.guard(iteration, fitted, policy)
         if guard.rejected:
-            assert guard.kept_policy is not None and guard.kept_heldout is not None
-            policy, heldout = guard.kept_policy, guard.kept_heldout
+            assert guard.kept_policy is not None
+            policy = guard.kept_policy
+        elif self.state.bank is not None:  # contrast sampling: these pairs have entered the policy
+            self.state.bank.mark_used(batch.selection.pairs)
+        assert self.state.base_heldout is not None
+        reproduces_base = guard.rejected and self.state.policy is None  # the kept policy is pi_0's zero fit
+        heldout = self.state.base_heldout if reproduces_base else self.evaluate(policy)
         wins = head_to_head(
             self.oracle, self.heldout_prompts, heldout, self.state.base_heldout, self.config.eval_samples_per_prompt
         )
@@ -293,17 +298,21 @@ class Sims:
             raise PolicyRejectedError(guard.message)
         return result
 
-    def guard(self, iteration: int, fitted: SteeringSet, candidate: Evaluation) -> Guard:
-        """The guard rail: reject a policy whose held-out perplexity is ``max_perplexity_ratio`` x the base's.
+    def guard(self, iteration: int, fitted: SteeringSet, policy: SteeringSet) -> Guard:
+        """The guard rail: reject a policy whose validation perplexity is ``max_perplexity_ratio`` x the base's.
 
-        A rejected policy is replaced by the previous one (at iteration 1: ``init``, or pi_0 as the fit at multiplier 0,
-        so the run folder still holds a policy file per iteration) and its held-out evaluation; the
-        previous policy is evaluated again, with the same held-out seed, so this reproduces its samples.
+        Judged on the validation prompts (never on the held-out ones, which only report). A rejected
+        policy is replaced by the previous one (at iteration 1: ``init``, or pi_0 as the fit at
+        multiplier 0, so the run folder still holds a policy file per iteration); its pairs are
+        recorded as not applied and stay unused in the memory bank.
         """
-        assert self.state.base_heldout is not None
         limit = self.config.max_perplexity_ratio
-        ratio = candidate.perplexity / self.state.base_heldout.perplexity
-        rejected = limit > 0 and ratio > limit
+        if limit <= 0:
+            return Guard(False, [])
+        assert self.state.base_validation is not None
+        candidate = self.validate(policy)
+        ratio = candidate.perplexity / self.state.base_validation.perplexity
+        rejected = ratio > limit
         rows = [
             metric_row(iteration, "guard", "perplexity_ratio", ratio),
             metric_row(iteration, "guard", "rejected", float(rejected)),
@@ -314,14 +323,13 @@ class Sims:
             rows.append(metric_row(iteration, "guard", "rejected_reward_mean", candidate.reward_mean))
         previous = self.state.policy
         kept = previous if previous is not None else fitted.scaled(0.0)
-        kept_heldout = self.state.base_heldout if previous is None else self.evaluate(previous)
         message = (
-            f"iteration {iteration}'s policy raised held-out perplexity under the base model to {ratio:.1f} x the base "
-            f"model's ({candidate.perplexity:.1f} vs {self.state.base_heldout.perplexity:.1f}; max_perplexity_ratio = "
-            f"{limit:g}), so it was rejected and the previous policy kept. Lower 'multiplier', steer other layers, or "
-            "raise max_perplexity_ratio"
+            f"iteration {iteration}'s policy raised validation perplexity under the base model to {ratio:.1f} x the "
+            f"base model's ({candidate.perplexity:.1f} vs {self.state.base_validation.perplexity:.1f}; "
+            f"max_perplexity_ratio = {limit:g}), so it was rejected and the previous policy kept. Lower 'multiplier', "
+            "steer other layers, or raise max_perplexity_ratio"
         )
-        return Guard(True, rows, kept, kept_heldout, message)
+        return Guard(True, rows, kept, message)
 
     def collect(self, iteration: int, hooks: list[str]) -> Batch:
         """Steps 1-5: prompts, K samples each from the current policy, scores, D+/D-, base activations."""
@@ -342,8 +350,11 @@ class Sims:
         c = self.config
         return iteration_prompts(self.train_prompts, c.prompts_per_iteration, iteration, c.seed, c.pool_size)
 
-    def sample(self, iteration: int, prompts: Sequence[Prompt]) -> list[Exchange]:
-        """Step 2: K responses per prompt from the current policy pi_{t-1} (prompt-major)."""
+    def sample(self, iteration: int, prompts: Sequence[Prompt], stream: str = "train") -> list[Exchange]:
+        """Step 2: K responses per prompt from the current policy pi_{t-1} (prompt-major).
+
+        ``stream`` names the seed stream (``"validation"`` for ``top:K``'s batch).
+        """
         k = self.config.samples_per_prompt
         ids = [encode_chat(self.tokenizer, p.text) for p in prompts for _ in range(k)]
         with self._bar(len(ids), f"iter {iteration}: sampling") as bar, self._policy():
@@ -352,7 +363,7 @@ class Sims:
                 self.tokenizer,
                 ids,
                 self.generation,
-                derive_seed(self.config.seed, "train", iteration),
+                derive_seed(self.config.seed, stream, iteration),
                 on_batch=bar.update,
             )
 
@@ -440,6 +451,7 @@ class Sims:
 
         The judge stays fixed across iterations (for the self-judge: the base model), so held-out
         rewards of different iterations are comparable; during training the policy judges itself.
+        Held-out evaluations only report: no choice of the loop reads them (see :meth:`validate`).
         """
         return evaluate(
             self.model,
@@ -453,28 +465,47 @@ class Sims:
             reference=self.reference,
         )
 
+    def validate(self, policy: SteeringSet | None) -> Evaluation:
+        """:meth:`evaluate` on the validation prompts, with its own seed: what the guard rail judges."""
+        return evaluate(
+            self.model,
+            self.tokenizer,
+            self.validation_prompts,
+            self.oracle,
+            self.generation,
+            steering=policy,
+            samples_per_prompt=self.config.eval_samples_per_prompt,
+            seed=derive_seed(self.config.seed, "validation"),
+        )
+
     def choose_layers(self) -> list[int]:
         """``layers = "top:K"``: the K layers whose D+ and D- a probe separates best, cross-validated by prompt.
 
-        Chosen before the loop from iteration 1's batch captured at every layer (sampled by iteration
-        1's policy, pi_0 or ``init``, so this is exactly the batch iteration 1 uses; it is kept).
+        Chosen before the loop from a batch on the validation prompts (K samples each from
+        iteration 1's policy, pi_0 or ``init``, on their own seed stream), captured at every layer:
+        the choice never reads a training batch whose separability is then logged, nor a held-out
+        prompt. The batch enters no memory bank.
         """
         k = int(str(self.config.layers).removeprefix("top:"))
         everything = list(range(self.n_layers))
-        batch = self.collect(1, self.config.hook_names(everything))
-        pos, neg = batch.activations.reduced("mean")
-        prompt_ids = batch.activations.prompt_ids
+        prompts = self.validation_prompts
+        self._phase(0, "sample", prompts=prompts)
+        samples = self.score(0, prompts, self.sample(0, prompts, stream="validation"))
+        c = self.config
+        selection = select_pairs(samples, pairs_per_prompt=c.pairs_per_prompt, margin=c.margin)
+        prompt_ids = [pair.positive.prompt_id for pair in selection.pairs]
         if len(set(prompt_ids)) < 2:
             raise NotSeparableError(
-                f"layers = {self.config.layers!r} needs pairs from at least 2 prompts to cross-validate probes; the "
-                f"oracle separated {len(set(prompt_ids))}. Raise 'prompts_per_iteration' or list the layers instead"
+                f"layers = {c.layers!r} needs pairs from at least 2 validation prompts to cross-validate probes; the "
+                f"oracle separated {len(set(prompt_ids))} of {len(prompts)}. Raise 'validation_size' or "
+                "'samples_per_prompt', or list the layers instead"
             )
+        activations = self.capture(0, selection, self.config.hook_names(everything))
+        pos, neg = activations.reduced("mean")
         accuracy = [
-            probe_accuracy(pos[:, layer], neg[:, layer], prompt_ids, seed=self.config.seed) for layer in everything
+            probe_accuracy(pos[:, layer], neg[:, layer], activations.prompt_ids, seed=c.seed) for layer in everything
         ]
-        layers = sorted(sorted(everything, key=lambda layer: (-accuracy[layer], layer))[:k])
-        self._collected[1] = replace(batch, activations=batch.activations.at_hooks(layers))
-        return layers
+        return sorted(sorted(everything, key=lambda layer: (-accuracy[layer], layer))[:k])
 
     # -- helpers ------------------------------------------------------------------------------
     @property

@@ -14,6 +14,7 @@ Face dataset (``hf:NAME[:SPLIT]``). Every problem with a source is a ``ValueErro
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import random
@@ -127,6 +128,25 @@ def iteration_prompts(
     pool = sample_batch(prompts, pool_size, random.Random(derive_seed(seed, "prompt_pool")))
     start = ((iteration - 1) * n) % len(pool)
     return [pool[(start + i) % len(pool)] for i in range(min(n, len(pool)))]
+
+
+def split_validation(prompts: Sequence[Prompt], size: int) -> tuple[list[Prompt], list[Prompt]]:
+    """``(training, validation)``: ``size`` of ``prompts`` set aside for the loop's choices, the rest kept in order.
+
+    The validation prompts are those whose text hashes lowest (SHA-256), so the split depends on
+    neither the order of ``prompts`` nor the run's seed: every seed of a study validates on the same
+    prompts, and they are never drawn for training.
+    """
+    if size <= 0:
+        return list(prompts), []
+    if size >= len(prompts):
+        raise ValueError(
+            f"validation_size = {size} but there are only {len(prompts)} training prompts; the loop needs some left "
+            "to train on: lower validation_size or give more prompts"
+        )
+    ranked = sorted(prompts, key=lambda p: (hashlib.sha256(p.text.encode("utf-8")).hexdigest(), p.id))
+    chosen = {id(p) for p in ranked[:size]}
+    return [p for p in prompts if id(p) not in chosen], ranked[:size]
 
 
 def read_records(

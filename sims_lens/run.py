@@ -41,7 +41,7 @@ class RunWriter:
         if result.activations.observed_hooks:  # observe = "none" writes no file
             self.folder.save_observed(result.activations)
         self.folder.append_samples([s.to_record() for s in result.samples])
-        self.folder.append_pairs([p.to_record(result.iteration) for p in result.selection.pairs])
+        self.folder.append_pairs([p.to_record(result.iteration, not result.rejected) for p in result.selection.pairs])
         self.folder.append_metrics(result.metrics)
         self.folder.finish_iteration(
             result.iteration, [layer for h in result.hooks if (layer := layer_of(h)) is not None]
@@ -67,7 +67,7 @@ def restore_state(
                 where = (record["iteration"], record["prompt_id"])
                 record["index"] = seen[where] = seen.get(where, -1) + 1
         state.bank.add([Sample.from_record(r, tokenizer) for r in records])
-        state.bank.mark_used(_pair_key(r) for r in folder.read_pairs())
+        state.bank.mark_used(_pair_key(r) for r in folder.read_pairs() if r.get("applied", True))
     return state
 
 

@@ -61,6 +61,7 @@ def tiny_sims(tiny, oracle=None, **overrides) -> Sims:
         "margin": 0.0,
         "eval_samples_per_prompt": 1,
         "heldout_size": 2,
+        "validation_size": 2,
         "batch_size": 8,
         "temperature": 1.0,
         "top_p": 1.0,

@@ -228,7 +228,7 @@ TRAIN = [
 def tiny_run(tiny, tmp_path_factory):
     """A finished two-iteration run folder written with the live analysis callback, and its results."""
     out = tmp_path_factory.mktemp("analysis") / "run"
-    sims = tiny_sims(tiny, prompts=TRAIN, batch_size=12, out=out)  # five training prompts of its own
+    sims = tiny_sims(tiny, prompts=TRAIN, batch_size=12, out=out, validation_size=1)  # five prompts of its own
     sims.callbacks.append(LiveAnalysis(out))
     results = list(sims.iterate())
     return out, results

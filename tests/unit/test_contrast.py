@@ -84,7 +84,9 @@ def test_pair_records():
         "positive": {"iteration": 3, "index": 2, "reward": 0.75},
         "negative": {"iteration": 1, "index": 0, "reward": 0.25},
         "margin": 0.5,
+        "applied": True,
     }
+    assert pair.to_record(4, applied=False)["applied"] is False
     assert not Pair(sample("a", 0.75, 2, 1), sample("a", 0.25, 2, 0)).cross_iteration
 
 

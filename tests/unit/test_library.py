@@ -83,7 +83,9 @@ def test_a_function_oracle_of_the_wrong_shape_is_one_clear_error(tiny):
 
 def test_the_configuration_given_is_never_changed(tiny):
     model, tok = tiny
-    config = SimsConfig(layers=[0, 1], iterations=1, observe="none", prompts_per_iteration=4, max_new_tokens=4)
+    config = SimsConfig(
+        layers=[0, 1], iterations=1, observe="none", prompts_per_iteration=4, max_new_tokens=4, validation_size=2
+    )
     before = copy.deepcopy(config)
     sims = Sims(model, tok, config=config, oracle=LetterOracle(), prompts=TRAIN, heldout_prompts=HELDOUT, update="ema")
     assert config == before
@@ -113,7 +115,13 @@ def test_keyword_settings_are_checked_with_the_toml_messages(tiny):
         )
     with pytest.raises(ConfigError, match="also training prompts"):
         Sims(
-            model, tok, oracle=LetterOracle(), prompts=["a b", "c d"], heldout_prompts=["c d"], prompts_per_iteration=2
+            model,
+            tok,
+            oracle=LetterOracle(),
+            prompts=["a b", "c d"],
+            heldout_prompts=["c d"],
+            prompts_per_iteration=2,
+            layers=[0],
         )
     sims = tiny_sims(tiny, contrast={"bank_size": 64}, learners={"probe": {"l2": 0.5}}, learner="probe")
     assert sims.config.contrast.bank_size == 64 and sims.learner.l2 == 0.5  # nested tables given as dicts

@@ -50,7 +50,7 @@ def test_an_oracle_that_cannot_separate_is_a_clear_error(tiny):
 
 
 def test_top_k_layers_by_probe_accuracy(tiny):
-    results = list(tiny_sims(tiny, layers="top:1", iterations=1, prompts_per_iteration=8).iterate())
+    results = list(tiny_sims(tiny, layers="top:1", iterations=1, prompts_per_iteration=6).iterate())
     assert len(results[0].hooks) == 1
 
 

@@ -169,8 +169,8 @@ def test_observing_a_list_of_layers_records_their_token_means(tiny4):
         assert torch.equal(mine, theirs)
 
 
-def test_top_k_keeps_every_observed_layer_in_the_batch_it_reuses(tiny4):
-    sims = tiny_sims(tiny4, layers="top:1", iterations=1, prompts_per_iteration=8)
+def test_top_k_runs_observe_every_layer_alongside_the_chosen_one(tiny4):
+    sims = tiny_sims(tiny4, layers="top:1", iterations=1, prompts_per_iteration=6)
     [result] = list(sims.iterate())
     [layer] = sims.state.layers
     assert result.hooks == [f"blocks.{layer}.hook_resid_post"] and result.activations.observed_hooks == EVERY

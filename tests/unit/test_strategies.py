@@ -172,7 +172,7 @@ def test_a_resumed_run_is_byte_for_byte_the_uninterrupted_one(tiny, tmp_path: Pa
     assert {name for name in a if a[name] != b[name]} == set()
     pairs = [json.loads(line) for line in (whole.path / "pairs.jsonl").read_text().splitlines()]
     assert {p["update"] for p in pairs} == {1, 2, 3}
-    assert set(pairs[0]) == {"update", "prompt_id", "positive", "negative", "margin"}
+    assert set(pairs[0]) == {"update", "prompt_id", "positive", "negative", "margin", "applied"}
     assert set(pairs[0]["positive"]) == {"iteration", "index", "reward"}
     if contrast:
         assert any(p["positive"]["iteration"] != p["negative"]["iteration"] for p in pairs)
@@ -199,7 +199,9 @@ def test_top_k_finds_the_layer_where_a_difference_was_planted(tmp_path: Path):
                     t[:, i] += 3.0 * direction
             return captured
 
-    base = tiny_sims((model, tok), NoiseOracle(), iterations=1, prompts_per_iteration=8, layers="top:1")
+    base = tiny_sims(
+        (model, tok), NoiseOracle(), iterations=1, prompts_per_iteration=4, validation_size=4, layers="top:1"
+    )
     sims = Planted(
         model,
         tok,
