@@ -12,19 +12,55 @@ import json
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
+Placement = Literal["system turn", "user turn", "plain text"]
+"""Where :func:`chat_text` puts a system instruction (:func:`system_placement`)."""
+SYSTEM_TURN: Final = "system turn"
+USER_TURN: Final = "user turn"
+PLAIN_TEXT: Final = "plain text"
+
+_PROBE = "sims-lens: is this system instruction kept?"
+
+
+def system_placement(tokenizer: Any) -> Placement:
+    """Where a system instruction goes for this tokenizer: ``"system turn"``, ``"user turn"`` or ``"plain text"``.
+
+    ``"plain text"`` without a chat template (base models); ``"system turn"`` when the template
+    renders a system message with its content; ``"user turn"`` when it refuses one (Gemma's raises
+    "System role not supported") or renders it without its content. Decided by rendering a system
+    and a user message once, so the prompting baseline never loses its instruction silently.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return PLAIN_TEXT
+    from jinja2 import TemplateError  # what rendering a chat template needs anyway
+
+    messages = [{"role": "system", "content": _PROBE}, {"role": "user", "content": "hi"}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except (TemplateError, ValueError):
+        return USER_TURN
+    return SYSTEM_TURN if _PROBE in str(text) else USER_TURN
+
 
 def chat_text(tokenizer: Any, prompt: str, system: str | None = None) -> str:
-    """The model's chat format for one user turn, ending where the assistant's answer starts."""
+    """The model's chat format for one user turn, ending where the assistant's answer starts.
+
+    A ``system`` instruction goes where :func:`system_placement` says: its own turn; folded into
+    the one user turn, before the prompt with a blank line between them, for a template without a
+    system role; before the raw prompt as plain text, a blank line between them, without a template.
+    """
+    placement = system_placement(tokenizer) if system else None
+    if placement in (USER_TURN, PLAIN_TEXT):
+        prompt, system = f"{system}\n\n{prompt}", None
+    if not getattr(tokenizer, "chat_template", None):
+        return prompt  # base models without a chat template see the raw prompt
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    if getattr(tokenizer, "chat_template", None):
-        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-    return prompt  # base models without a chat template see the raw prompt
+    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:

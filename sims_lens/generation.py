@@ -92,8 +92,20 @@ def generate_ids(
     return [split_generated(list(p) + responses[i], len(p), [1] * len(p), eos) for i, p in enumerate(prompts)]
 
 
+def precise_dtype(device: torch.device | str) -> torch.dtype:
+    """float64 where ``device`` has it; float32 on Apple's MPS, which has no float64.
+
+    For the few computations that want more than the model's precision on the model's device (the
+    sampling distribution over the vocabulary): everywhere but MPS they stay in float64, as before.
+    """
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def row_uniforms(n_rows: int, settings: GenerationSettings, seed: int | None) -> Float[Tensor, "row step"] | None:
-    """One uniform in [0, 1) per row and step (None under greedy decoding); row i's from its own seed."""
+    """One uniform in [0, 1) per row and step (None under greedy decoding); row i's from its own seed.
+
+    Drawn in float64 on the CPU whatever the model's device, so a seed gives the same draws everywhere
+    (:func:`choose_tokens` casts them to :func:`precise_dtype` of its device)."""
     if settings.temperature == 0:
         return None
     if seed is None:
@@ -132,8 +144,9 @@ def choose_tokens(
     """
     if uniforms is None:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.double() / settings.temperature, dim=-1)
-    uniforms = uniforms.to(probs.device)
+    precise = precise_dtype(logits.device)
+    probs = torch.softmax(logits.to(precise) / settings.temperature, dim=-1)
+    uniforms = uniforms.to(probs.device, precise)
     if settings.top_p >= 1:
         return _inverse_cdf(probs, uniforms, None)
     k = min(NUCLEUS_CANDIDATES, probs.shape[-1])

@@ -32,6 +32,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from sims_lens.chat import chat_text, encode_text, left_pad
+from sims_lens.generation import precise_dtype
 from sims_lens.oracles.base import check_inputs, register_oracle
 from sims_lens.steering.positions import track_positions
 from sims_lens.validation import check_choice, check_int, check_text, rename_key
@@ -89,7 +90,7 @@ def copeland_scores(pref: Float[Tensor, "k k"]) -> Float[Tensor, " k"]:
     off = ~torch.eye(pref.shape[0], dtype=torch.bool, device=pref.device)
     wins = ((pref > 0.5 + _TIE) & off).sum(-1)
     losses = ((pref < 0.5 - _TIE) & off).sum(-1)
-    return (wins - losses).to(torch.float64)
+    return (wins - losses).to(precise_dtype(pref.device))
 
 
 def bradley_terry_scores(pref: Float[Tensor, "k k"], iterations: int = 1000, tol: float = 1e-10) -> Float[Tensor, " k"]:
@@ -227,8 +228,8 @@ class SelfJudge:
             rows = order[start : start + self.batch_size]
             ids, mask = left_pad([sequences[i] for i in rows], pad_id)
             logits = self._last_logits(ids.to(device), mask.to(device), mask)
-            pair = logits[:, [a_id, b_id]].to(torch.float64)
-            out[rows] = torch.softmax(pair, dim=-1)[:, 0].cpu()
+            pair = logits[:, [a_id, b_id]].to("cpu", torch.float64)  # two logits: float64 on the CPU, any device
+            out[rows] = torch.softmax(pair, dim=-1)[:, 0]
         return out
 
     def _last_logits(self, ids: Tensor, mask: Tensor, cpu_mask: Tensor) -> Tensor:
