@@ -191,10 +191,12 @@ def eval_command(args: argparse.Namespace) -> int:
     runs = expand_run_dirs(args.run_dirs)
     config = RunFolder(runs[0]).read_config()
     settings = EvalSettings(
-        args.prompts, args.samples, args.reference_oracle, args.system_prompt or DEFAULT_SYSTEM_PROMPT
+        args.prompts,
+        args.samples,
+        args.reference_oracle,
+        args.system_prompt or DEFAULT_SYSTEM_PROMPT,
+        multipliers=parse_multipliers(args.multipliers),
     )
-    if settings.samples is not None and settings.samples < 1:
-        raise ValueError(f"--samples {settings.samples}: use an integer >= 1")
     start = time.perf_counter()
     model, tokenizer = load_model(
         args.model or config.model, dtype=config.dtype, device=args.device if args.device is not None else config.device
@@ -206,10 +208,30 @@ def eval_command(args: argparse.Namespace) -> int:
     except ImportError:
         print(frame.to_string(index=False))
         return 0
+    from analysis.eval_report import format_differences, load_differences, monotonicity_line
+    from sims_lens.chat import system_placement
+
     label = "all" if len(runs) > 1 else Path(runs[0]).name
     print(format_table(summary_table(frame, run=label)))
+    print(f"prompting: the instruction went in as a {system_placement(tokenizer)} (the tokenizer's chat template)")
+    print(monotonicity_line(frame))
+    print(f"\npaired differences ({args.out}/differences.csv):")
+    print(format_differences(load_differences(args.out)))
     print(f"figures: {write_eval_report(args.out)}")
     return 0
+
+
+def parse_multipliers(text: str | None) -> tuple[float, ...]:
+    """``--multipliers 0.5,1.5,2``: positive numbers, comma-separated."""
+    if not text:
+        return ()
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"--multipliers {text!r}: use positive numbers separated by commas, e.g. 0.5,1.5,2") from None
+    if not values or any(not (v > 0 and v != float("inf")) for v in values):
+        raise ValueError(f"--multipliers {text!r}: use positive numbers separated by commas, e.g. 0.5,1.5,2")
+    return values
 
 
 def expand_run_dirs(paths: list[str]) -> list[Path]:
@@ -268,6 +290,12 @@ def register(sub: Any) -> None:
     ev.add_argument("--reference-oracle", default=None, help="an oracle not used for training (default: the run's)")
     ev.add_argument(
         "--system-prompt", default=None, help="the prompting baseline's system prompt (default: a warm-tone request)"
+    )
+    ev.add_argument(
+        "--multipliers",
+        default=None,
+        metavar="A,B,C",
+        help="also evaluate the last policy and the norm-matched baselines scaled by each (NAMExM)",
     )
     ev.add_argument("--device", default=None, help="auto (CUDA when available; the default), cpu, cuda, cuda:N, mps")
     ev.add_argument("--model", default=None, help="the model the runs' policies steer (default: the runs' own)")

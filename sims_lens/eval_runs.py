@@ -6,16 +6,25 @@ All policies answer the same held-out prompts with the same sampling seed (paire
 - ``prompting``: the base model with a system prompt asking for the target behaviour;
 - ``best_of_k``: K base-model samples per answer, the training oracle keeps its favourite
   (K times the inference compute: ``samples_per_answer``);
-- ``static_first``: iteration 1's fit alone (steering without iterating);
-- ``static_all``: one fit on every pair the run collected (``pairs.jsonl``): the same data without
-  self-improvement, which separates "iterating helps" from "more pairs help".
+- ``static_first``: iteration 1's fit alone, at its own norm (steering without iterating);
+- ``static_all``: one fit on every applied pair of ``pairs.jsonl`` (:mod:`sims_lens.baselines`
+  says why it is neither "the same data" nor norm-matched);
+- ``static_first_matched``: iteration 1's fit rescaled, per layer, to the policy's norm: the
+  iterated *direction* against the first one, with vector length held equal;
+- ``fresh_pairs``: one fit on as many pairs as the run applied, all sampled from pi_0 on fresh
+  training prompts, at the policy's norm: more data without self-improvement.
+The two matched baselines are also made at each earlier iteration's norm (``NAME@iter_NNN``), and
+``multipliers`` scales the last policy and both matched baselines (``NAMExM``): a reward-cost curve.
 
 Metrics per response (ARCHITECTURE.md, "Evaluation against baselines"): ``reward`` (the training
 oracle), ``reference_reward`` (an oracle not used for training), ``relevance`` (cosine of MiniLM
 sentence embeddings of prompt and response), ``perplexity_under_base`` (token-weighted),
+``kl_to_base`` (:mod:`sims_lens.kl`: log pi - log pi_0 summed over the response, on the policy's own
+samples, full softmax at the sampling temperature without top-p; Best-of-K's is analytic),
 ``response_length``, ``distinct_2``, ``win_rate_vs_base`` (paired, training oracle) and
 ``samples_per_answer``. Each gets a 95% bootstrap interval over prompts, and over runs as well in the
-pooled ``all`` rows; ``reward_change`` is each iteration's paired change from the one before.
+pooled ``all`` rows; ``reward_change`` is each iteration's paired change from the one before, and
+``differences.csv`` (:mod:`sims_lens.differences`) the paired differences against the baselines.
 """
 
 from __future__ import annotations
@@ -23,21 +32,23 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from sims_lens.answer_cache import generate_cached
+from sims_lens.baselines import fit_on_pairs, fresh_pairs, pairs_applied_by, static_all
 from sims_lens.chat import Exchange, encode_chat, end_token_ids
 from sims_lens.config import SimsConfig
-from sims_lens.contrast import Pair, Sample
+from sims_lens.differences import DIFFERENCE_METRICS, DIFFERENCES_FILE, is_iteration, paired_differences
 from sims_lens.evaluation import response_nll
-from sims_lens.fitting import capture_selected, fit_steering
 from sims_lens.generation import GenerationSettings, decode_response
 from sims_lens.groups import chunked
+from sims_lens.kl import best_of_k_kl, response_logprobs
 from sims_lens.oracles import is_relative, make_oracle
 from sims_lens.prompts import Prompt, load_prompts
 from sims_lens.run_folder import RunFolder
@@ -45,14 +56,15 @@ from sims_lens.seeds import derive_seed
 from sims_lens.stats import Estimate, bootstrap_ratio, distinct_n, paired_difference, win_outcomes
 from sims_lens.steering.functions import SteeringSet
 from sims_lens.steering.hooks import apply_steering
-from sims_lens.steering.learners import make_learner
 
 EVAL_COLUMNS = ["policy", "run", "seed", "metric", "value", "ci_low", "ci_high"]
-BASELINES = ("prompting", "best_of_k", "static_first", "static_all")
+BASELINES = ("prompting", "best_of_k", "static_first", "static_all", "static_first_matched", "fresh_pairs")
 DEFAULT_SYSTEM_PROMPT = "Answer in a warm, positive, upbeat and encouraging tone."
 """The ``prompting`` baseline's system prompt; it suits the demo's sentiment goal (set your own)."""
 EVAL_FILE = "eval.csv"
 SAMPLES_FILE = "samples.jsonl"
+RECORDED_METRICS = ("reward", "reference_reward", "relevance", "response_length", "distinct_2", "win", "kl_to_base")
+"""The per-response values ``samples.jsonl`` keeps (with ``nll``)."""
 
 
 @dataclass
@@ -64,6 +76,15 @@ class EvalSettings:
     reference_oracle: str | None = None
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     n_boot: int = 2000
+    multipliers: tuple[float, ...] = ()
+    """Each also scales the last iteration's policy, ``static_first_matched`` and ``fresh_pairs``: ``NAMExM``."""
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.multipliers if not (isinstance(m, int | float) and m > 0 and np.isfinite(m))]
+        if bad:
+            raise ValueError(f"multipliers must be positive numbers, got {bad[0]!r}")
+        if self.samples is not None and self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples!r}")
 
 
 @dataclass
@@ -76,6 +97,10 @@ class Answers:
     samples_per_answer: int = 1
     values: dict[str, np.ndarray] = field(default_factory=dict)
     """Per-response metrics, each ``[n_prompts, n_samples]``: reward, nll, length, ..."""
+    steering: SteeringSet | None = None
+    """The steering the answers were sampled under (None: unsteered)."""
+    system: str | None = None
+    """The system instruction the answers were sampled with (``prompting``)."""
 
 
 def evaluate_runs(
@@ -115,14 +140,23 @@ def evaluate_runs(
     for folder, config in zip(folders, configs, strict=True):
         answers = _answer_all(folder, config, prompts, model, tokenizer, oracle, settings)
         for policy in answers.values():
-            _score(policy, prompts, model, tokenizer, oracle, reference, relevance)
+            _score(policy, prompts, model, tokenizer, oracle, reference, relevance, config.temperature)
         _win_rates(answers, prompts, oracle)
         per_run[folder.path.name] = answers
         records += _records(folder.path.name, config.seed, prompts, answers)
     frame = _estimates(per_run, {f.path.name: c.seed for f, c in zip(folders, configs, strict=True)}, settings)
     frame.to_csv(out / EVAL_FILE, index=False)
+    means = {run: _prompt_means(answers) for run, answers in per_run.items()}
+    paired_differences(means, n_boot=settings.n_boot).to_csv(out / DIFFERENCES_FILE, index=False)
     (out / SAMPLES_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
     return frame
+
+
+def _prompt_means(answers: dict[str, Answers]) -> dict[str, dict[str, np.ndarray]]:
+    """``[policy][metric]``: each prompt's mean over its samples, for the paired differences."""
+    return {
+        name: {m: a.values[m].mean(axis=1) for m in DIFFERENCE_METRICS if m in a.values} for name, a in answers.items()
+    }
 
 
 # -- the policies -------------------------------------------------------------------------------
@@ -135,25 +169,84 @@ def _answer_all(
     oracle: Any,
     settings: EvalSettings,
 ) -> dict[str, Answers]:
-    """Every policy's answers for one run, base first, then iterations, then baselines."""
+    """Every policy's answers for one run: base, iterations, baselines, then the scaled policies."""
     samples = settings.samples or config.eval_samples_per_prompt
     generation = GenerationSettings(
         config.max_new_tokens, config.temperature, config.top_p, max(config.batch_size, 32), True
     )
-    seed = derive_seed(config.seed, "eval")
-    answer = _Answerer(model, tokenizer, prompts, samples, generation, seed)
+    answer = _Answerer(model, tokenizer, prompts, samples, generation, derive_seed(config.seed, "eval"))
     out = {"base": answer("base", None)}
-    for t in folder.steering_iterations("policy"):
-        out[f"iter_{t:03d}"] = answer(f"iter_{t:03d}", folder.load_steering(t, "policy", model))
+    iterations = folder.steering_iterations("policy")
+    policies = {t: folder.load_steering(t, "policy", model) for t in iterations}
+    for t, policy in policies.items():
+        out[f"iter_{t:03d}"] = answer(f"iter_{t:03d}", policy)
     out["prompting"] = answer("prompting", None, system=settings.system_prompt)
     out["best_of_k"] = _best_of_k(answer, oracle, prompts, config.samples_per_prompt)
     first_fit = folder.load_steering(1, "fit", model)
     if first_fit is not None:
         out["static_first"] = answer("static_first", first_fit)
-    static = _fit_on_all_pairs(folder, config, model, tokenizer)
+    static = static_all(folder, config, model, tokenizer)
     if static is not None:
         out["static_all"] = answer("static_all", static)
+    for name, steering in _norm_matched(folder, config, model, tokenizer, oracle, first_fit, policies).items():
+        same = next((a for a in out.values() if _same_steering(a.steering, steering)), None)
+        out[name] = replace(same, policy=name, values={}) if same is not None else answer(name, steering)
+    last = f"iter_{iterations[-1]:03d}"
+    for multiplier in settings.multipliers:
+        for name in (last, "static_first_matched", "fresh_pairs"):
+            scaled = out[name].steering if name in out else None
+            if scaled is not None:
+                label = f"{name}x{multiplier:g}"
+                out[label] = answer(label, scaled.scaled(multiplier))
     return out
+
+
+def _norm_matched(
+    folder: RunFolder,
+    config: SimsConfig,
+    model: Any,
+    tokenizer: Any,
+    oracle: Any,
+    first_fit: SteeringSet | None,
+    policies: dict[int, SteeringSet | None],
+) -> dict[str, SteeringSet]:
+    """``static_first_matched`` and ``fresh_pairs`` at each iteration's policy norm (``NAME@iter_NNN`` before the last).
+
+    Only for additive edits (a rotation has no length to match) and runs with their learner recorded
+    by name (the fresh fits use it).
+    """
+    last = max(policies)
+    named = {t: (lambda name, t=t: name if t == last else f"{name}@iter_{t:03d}") for t in policies}
+    additive = [p for p in [first_fit, *policies.values()] if p is not None]
+    if first_fit is None or any(fn.edit not in ("add", "ablate_add") for p in additive for fn in p):
+        return {}
+    out = {named[t]("static_first_matched"): first_fit.norm_matched(p) for t, p in policies.items() if p is not None}
+    counts = pairs_applied_by(folder, list(policies), tokenizer)
+    pairs = fresh_pairs(folder, config, model, tokenizer, oracle, max(counts.values()))
+    for t, policy in policies.items():
+        n = min(counts[t], len(pairs))
+        if policy is not None and n >= 2:
+            out[named[t]("fresh_pairs")] = fit_on_pairs(pairs[:n], folder, config, model, tokenizer).norm_matched(
+                policy
+            )
+    return out
+
+
+def _same_steering(a: SteeringSet | None, b: SteeringSet | None) -> bool:
+    """Whether two steering sets make the same edits (so their seeded answers are the same)."""
+    if a is None or b is None or a.hooks != b.hooks or a.positions != b.positions:
+        return False
+    return all(
+        len(fa) == len(fb)
+        and all(
+            x.edit == y.edit
+            and x.multiplier == y.multiplier
+            and x.params.keys() == y.params.keys()
+            and all(torch.equal(x.params[k], y.params[k]) for k in x.params)
+            for x, y in zip(fa, fb, strict=True)
+        )
+        for fa, fb in zip(a.functions.values(), b.functions.values(), strict=True)
+    )
 
 
 @dataclass
@@ -181,7 +274,9 @@ class _Answerer:
                 derive_seed(self.seed, stream) if stream else self.seed,
             )
         responses = [decode_response(self.tokenizer, ex) for ex in exchanges]
-        return Answers(policy, chunked(responses, per_prompt), chunked(exchanges, per_prompt))
+        return Answers(
+            policy, chunked(responses, per_prompt), chunked(exchanges, per_prompt), steering=steering, system=system
+        )
 
 
 def _best_of_k(answer: _Answerer, oracle: Any, prompts: Sequence[Prompt], k: int) -> Answers:
@@ -202,30 +297,6 @@ def best_of_k_choice(scores: Sequence[float]) -> int:
     return int(np.argmax(np.asarray(scores, dtype=float)))
 
 
-def _fit_on_all_pairs(folder: RunFolder, config: SimsConfig, model: Any, tokenizer: Any) -> SteeringSet | None:
-    """``static_all``: the run's learner fitted once on every pair of ``pairs.jsonl`` (base activations)."""
-    records = folder.read_pairs()
-    if len(records) < 2:
-        return None
-    by_key = {(r["iteration"], r["prompt_id"], int(r.get("index", 0))): r for r in folder.read_samples()}
-
-    def sample(pid: str, side: dict[str, Any]) -> Sample:
-        return Sample.from_record(by_key[(int(side["iteration"]), pid, int(side["index"]))], tokenizer)
-
-    pairs = [Pair(sample(r["prompt_id"], r["positive"]), sample(r["prompt_id"], r["negative"])) for r in records]
-    layers = folder.read_state().get("layers") or []
-    activations = capture_selected(model, tokenizer, pairs, config.hook_names(layers), batch_size=config.batch_size)
-    learner = make_learner(config.learner, config.learner_settings())
-    return fit_steering(
-        learner,
-        activations,
-        reduction=config.reduction,
-        multiplier=config.multiplier,
-        positions=config.positions,
-        model_name=str(getattr(model.cfg, "model_name", "")),
-    )
-
-
 # -- scoring ------------------------------------------------------------------------------------
 def _score(
     answers: Answers,
@@ -235,6 +306,7 @@ def _score(
     oracle: Any,
     reference: Any,
     relevance: Any,
+    temperature: float,
 ) -> None:
     """Fill ``answers.values`` with every per-response metric."""
     texts = [p.text for p in prompts]
@@ -255,6 +327,28 @@ def _score(
     ends = set(end_token_ids(tokenizer))
     content = [[t for t in ex.response_ids if t not in ends] for ex in flat]
     values["distinct_2"] = np.asarray([distinct_n(c, 2) for c in content]).reshape(shape)
+    values["kl_to_base"] = _kl_to_base(answers, prompts, model, tokenizer, temperature).reshape(shape)
+
+
+def _kl_to_base(
+    answers: Answers, prompts: Sequence[Prompt], model: Any, tokenizer: Any, temperature: float
+) -> np.ndarray:
+    """Per response, ``log pi(y) - log pi_0(y)`` on the policy's own samples (:mod:`sims_lens.kl`).
+
+    pi_0 scores the response after the plain prompt (``prompting``'s instruction removed). The base
+    model's is 0; Best-of-K's is its analytic value, the same for every answer.
+    """
+    flat = [ex for row in answers.exchanges for ex in row]
+    if answers.samples_per_answer > 1:
+        return np.full(len(flat), best_of_k_kl(answers.samples_per_answer))
+    if answers.steering is None and answers.system is None:
+        return np.zeros(len(flat))
+    pad = int(tokenizer.pad_token_id)
+    policy = response_logprobs(model, flat, pad, temperature, steering=answers.steering)
+    if answers.system is not None:
+        plain = [tuple(encode_chat(tokenizer, p.text)) for p in prompts for _ in answers.exchanges[0]]
+        flat = [Exchange(context, ex.response_ids) for context, ex in zip(plain, flat, strict=True)]
+    return policy - response_logprobs(model, flat, pad, temperature)
 
 
 def _win_rates(answers: dict[str, Answers], prompts: Sequence[Prompt], oracle: Any) -> None:
@@ -285,7 +379,7 @@ def _estimates(per_run: dict[str, dict[str, Answers]], seeds: dict[str, int], se
             stack = [per_run[r][policy] for r in members]
             for metric, estimate in _policy_estimates(stack, settings).items():
                 rows.append(_row(policy, label, seed, metric, estimate))
-        iterations = sorted(p for p in policies if p.startswith("iter_"))
+        iterations = sorted(p for p in policies if is_iteration(p))
         for previous, current in zip(["base", *iterations], iterations, strict=False):
             for metric in ("reward", "reference_reward"):
                 a = _per_prompt([per_run[r][current] for r in members], metric)
@@ -304,7 +398,7 @@ def _policy_estimates(stack: list[Answers], settings: EvalSettings) -> dict[str,
         )
 
     out: dict[str, Estimate] = {}
-    for metric in ("reward", "reference_reward", "relevance", "response_length", "distinct_2"):
+    for metric in ("reward", "reference_reward", "relevance", "response_length", "distinct_2", "kl_to_base"):
         values = _per_prompt(stack, metric)
         if values is not None and not np.isnan(values).all():
             out[metric] = boot(values, tag=metric)
@@ -347,7 +441,7 @@ def _records(run: str, seed: int, prompts: Sequence[Prompt], answers: dict[str, 
             for j, response in enumerate(policy.responses[i]):
                 record: dict[str, Any] = {"policy": name, "run": run, "seed": seed, "prompt_id": prompt.id, "sample": j}
                 record["response"] = response
-                for metric in ("reward", "reference_reward", "relevance", "response_length", "distinct_2", "win"):
+                for metric in RECORDED_METRICS:
                     if metric in policy.values:
                         value = float(policy.values[metric][i, j])
                         record[metric] = None if np.isnan(value) else value

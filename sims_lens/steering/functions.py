@@ -254,6 +254,26 @@ class SteeringSet:
     def norms(self) -> dict[str, float]:
         return {hook: float(self.direction(hook).norm()) for hook in self.functions}
 
+    def norm_matched(self, reference: SteeringSet) -> SteeringSet:
+        """This set rescaled, hook by hook, to ``reference``'s norm there: its direction at another's length.
+
+        Separates what a direction does from how long it is. Only additive edits have a length to
+        match (a rotation's multiplier scales an angle): ValueError for any other, or for hooks the
+        two sets do not share.
+        """
+        if set(self.functions) != set(reference.functions):
+            raise ValueError(
+                f"norm matching needs the same hooks; got {sorted(self.functions)} and {sorted(reference.functions)}"
+            )
+        other = [fn.edit for fn in [*self, *reference] if fn.edit not in ("add", "ablate_add")]
+        if other:
+            raise ValueError(f"norm matching rescales added vectors; the {other[0]!r} edit has no length to match")
+        mine, target = self.norms(), reference.norms()
+        factors = {h: target[h] / mine[h] if mine[h] > 0 else 0.0 for h in self.functions}
+        return dataclasses.replace(
+            self, functions={h: [f.scaled(factors[h]) for f in fns] for h, fns in self.functions.items()}
+        )
+
 
 def _merge_chain(fns: list[SteeringFunction]) -> list[SteeringFunction]:
     """Fold consecutive ``add`` edits into one (their sum is exact); keep others in order."""

@@ -141,9 +141,10 @@ def test_a_second_run_with_the_same_seed_reads_back_pi0s_answers_and_gives_the_s
     from tests.helpers import tiny_sims
 
     first = list(tiny_sims(tiny).iterate())
-    assert calls == [2, 12, 2, 12, 2]  # base held-out, then per iteration: training samples, held-out
+    # base held-out and validation, then per iteration: training samples, validation (the guard), held-out
+    assert calls == [2, 2, 12, 2, 2, 12, 2, 2]
     second = list(tiny_sims(tiny).iterate())
-    assert calls[5:] == [2, 12, 2]  # the steered policies' answers are computed again
+    assert calls[8:] == [2, 2, 12, 2, 2]  # the steered policies' answers are computed again
     for a, b in zip(first, second, strict=True):
         assert [s.response for s in a.samples] == [s.response for s in b.samples]
         assert a.heldout.responses == b.heldout.responses and a.heldout.nll == b.heldout.nll
@@ -185,6 +186,7 @@ def test_eval_reads_back_the_unsteered_answers_and_gives_the_same_table(tiny, tm
     first = evaluate("first")
     n_first = len(calls) - before
     second = evaluate("second")
-    # base, prompting and best_of_k (3 unsteered calls) read back; the run's 2 policies and 2 static fits sampled again
-    assert n_first - (len(calls) - before - n_first) == 3
+    # read back: base, prompting, best_of_k and fresh_pairs' two rounds of pi_0 samples (5 unsteered calls);
+    # sampled again: the 2 policies, static_first, static_all and 3 norm-matched sets (one equals static_first)
+    assert (n_first, len(calls) - before - n_first) == (12, 7)
     pd.testing.assert_frame_equal(first, second)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
+from sims_lens.baselines import pairs_applied_by
+from sims_lens.differences import DIFFERENCE_COLUMNS
 from sims_lens.eval_runs import (
     BASELINES,
     EVAL_COLUMNS,
@@ -17,9 +20,10 @@ from sims_lens.eval_runs import (
     best_of_k_choice,
     evaluate_runs,
 )
+from sims_lens.kl import best_of_k_kl
 from sims_lens.prompts import Prompt
 from sims_lens.run import RunWriter
-from sims_lens.run_folder import open_run
+from sims_lens.run_folder import RunFolder, open_run
 from tests.helpers import FakeRelevance, LetterOracle, make_run, tiny_sims
 
 
@@ -30,7 +34,7 @@ def evaluated(tiny, tmp_path_factory):
     model, tok = tiny
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"h{i}", "prompt": t}) + "\n" for i, t in enumerate(["Hi", "Why?"])))
-    settings = EvalSettings(prompts=str(prompts), samples=2, n_boot=200)
+    settings = EvalSettings(prompts=str(prompts), samples=2, n_boot=200, multipliers=(2.0,))
     frame = evaluate_runs(runs, root / "out", model, tok, settings, oracle=LetterOracle(), relevance=FakeRelevance())
     return frame, root / "out"
 
@@ -108,3 +112,66 @@ def test_runs_that_differ_in_more_than_the_seed_are_not_pooled(tiny, tmp_path: P
             oracle=LetterOracle(),
             relevance=FakeRelevance(),
         )
+
+
+def test_norm_matched_baselines_kl_and_multipliers(evaluated):
+    frame, _ = evaluated
+    policies = set(frame["policy"])
+    assert {"static_first_matched@iter_001", "fresh_pairs@iter_001", "iter_002x2", "fresh_pairsx2"} <= policies
+    assert "static_first_matchedx2" in policies
+    kl = frame[(frame["metric"] == "kl_to_base") & (frame["run"] == "all")].set_index("policy")
+    assert set(kl.index) == policies
+    assert tuple(kl.loc["base", ["value", "ci_low", "ci_high"]]) == (0.0, 0.0, 0.0)
+    assert kl.loc["best_of_k", "value"] == pytest.approx(best_of_k_kl(3))
+    assert kl.loc["best_of_k", "ci_low"] == kl.loc["best_of_k", "ci_high"]
+    assert kl["value"].notna().all()
+
+
+def test_differences_file_has_per_run_and_pooled_rows(evaluated):
+    _, out = evaluated
+    diffs = pd.read_csv(out / "differences.csv")
+    assert list(diffs.columns) == DIFFERENCE_COLUMNS
+    pooled = diffs[~diffs["policy"].str.contains("/")]
+    assert {"base", "static_first_matched", "fresh_pairs", "best_of_k"} <= set(
+        pooled[pooled["policy"] == "iter_002"]["baseline"]
+    )
+    assert ("iter_001", "base") in set(zip(pooled["policy"], pooled["baseline"], strict=True))
+    assert {"seed_0/iter_002", "seed_1/iter_002"} <= set(diffs["policy"])
+    assert set(diffs["metric"]) >= {"reward", "relevance", "kl_to_base"}
+    assert (diffs["ci_low"] <= diffs["value"] + 1e-9).all() and (diffs["value"] <= diffs["ci_high"] + 1e-9).all()
+
+
+def test_when_every_fit_shares_one_direction_the_matched_first_fit_is_the_policy(tiny, tmp_path: Path):
+    """A planted run: iteration t's policy is t x iteration 1's fit (only the norm grows)."""
+    run = make_run(tiny, tmp_path / "run", 0)
+    model, tok = tiny
+    folder = RunFolder(run)
+    first = folder.load_steering(1, "fit", model)
+    for t in (1, 2):
+        folder.save_steering(first, t, "fit", model)
+        folder.save_steering(first.scaled(float(t)), t, "policy", model)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"h{i}", "prompt": t}) + "\n" for i, t in enumerate(["Hi", "Why?"])))
+    settings = EvalSettings(prompts=str(prompts), samples=2, n_boot=100)
+    frame = evaluate_runs(
+        [run], tmp_path / "out", model, tok, settings, oracle=LetterOracle(), relevance=FakeRelevance()
+    )
+    rows = frame.set_index(["policy", "metric"])["value"]
+    for metric in ("reward", "relevance", "perplexity_under_base", "kl_to_base", "response_length"):
+        assert rows[("static_first_matched", metric)] == pytest.approx(rows[("iter_002", metric)], abs=1e-5), metric
+    diffs = pd.read_csv(tmp_path / "out" / "differences.csv")
+    same = diffs[(diffs["policy"] == "iter_002") & (diffs["baseline"] == "static_first_matched")]
+    assert len(same) >= 3 and np.allclose(same[["value", "ci_low", "ci_high"]].to_numpy(), 0.0, atol=1e-5)
+
+
+def test_a_rejected_iterations_pairs_are_not_counted(tiny, tmp_path: Path):
+    run = make_run(tiny, tmp_path / "run", 0)
+    folder = RunFolder(run)
+    _, tok = tiny
+    before = pairs_applied_by(folder, [1, 2], tok)
+    records = [json.loads(line) for line in (run / "pairs.jsonl").read_text().splitlines()]
+    for record in records:
+        record["applied"] = record["update"] != 2  # as if the guard had rejected iteration 2
+    (run / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    after = pairs_applied_by(folder, [1, 2], tok)
+    assert after[1] == before[1] and after[2] == before[1] < before[2]

@@ -70,6 +70,37 @@ def test_scale_cosine_norms_and_to():
     assert a.to(dtype=torch.bfloat16).functions["blocks.0.hook_resid_post"][0].params["vector"].dtype == torch.bfloat16
 
 
+def test_norm_matching_keeps_the_direction_at_the_references_length_per_hook():
+    first = SteeringSet.from_functions(
+        [
+            add_fn("blocks.0.hook_resid_post", torch.tensor([3.0, 4.0])),
+            add_fn("blocks.1.hook_resid_post", torch.ones(2)),
+        ]
+    )
+    reference = SteeringSet.from_functions(
+        [
+            add_fn("blocks.0.hook_resid_post", torch.tensor([0.0, 10.0])),
+            add_fn("blocks.1.hook_resid_post", torch.zeros(2)),
+        ]
+    )
+    matched = first.norm_matched(reference)
+    assert matched.norms() == pytest.approx({"blocks.0.hook_resid_post": 10.0, "blocks.1.hook_resid_post": 0.0})
+    assert matched.cosine_similarity(first)["blocks.0.hook_resid_post"] == pytest.approx(1.0)
+    grown = first.scaled(2.5)  # one shared direction, only the norm grows: matching gives it back
+    torch.testing.assert_close(
+        first.norm_matched(grown).direction("blocks.0.hook_resid_post"), grown.direction("blocks.0.hook_resid_post")
+    )
+    assert SteeringSet.from_functions([add_fn("blocks.0.hook_resid_post", torch.zeros(2))]).norm_matched(
+        SteeringSet.from_functions([add_fn("blocks.0.hook_resid_post", torch.ones(2))])
+    ).norms() == {"blocks.0.hook_resid_post": 0.0}  # nothing to rescale: it stays off
+    with pytest.raises(ValueError, match="same hooks"):
+        first.norm_matched(SteeringSet.from_functions([add_fn("blocks.0.hook_resid_post", torch.ones(2))]))
+    ablating = SteeringSet.from_functions(
+        [SteeringFunction("ablate_add", "blocks.0.hook_resid_post", {"vector": torch.ones(2), "ablate": torch.ones(2)})]
+    )
+    assert ablating.norm_matched(ablating).norms() == pytest.approx(ablating.norms())  # ablate_add adds too
+
+
 def test_save_load_round_trip_with_metadata(tmp_path, tiny):
     model, _ = tiny
     g = torch.Generator().manual_seed(0)
