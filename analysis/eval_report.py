@@ -2,18 +2,25 @@
 
 Reads ``EVAL_DIR/eval.csv`` (tidy; columns :data:`EVAL_COLUMNS`), one row per (policy, run, metric)
 with a value and its interval. ``policy`` is ``base`` (x = 0), ``iter_NNN`` (the SIMS policy after
-iteration NNN, x = NNN) or a baseline (:data:`BASELINES`). ``run`` is a run folder's name, or ``all``
-for the estimate pooled over every run (hierarchical bootstrap over runs and prompts); ``seed`` is the
-run's seed, empty for ``all``. Any metric may be missing, and a metric may be missing for some policies.
+iteration NNN, x = NNN), a baseline (:data:`BASELINES`), or a variant of one of these: ``NAME@iter_NNN``
+(a baseline at the norm of iteration NNN) or ``NAMExM`` (scaled by M), placed after its root name.
+``run`` is a run folder's name, or ``all`` for the estimate pooled over every run (hierarchical
+bootstrap over runs and prompts); ``seed`` is the run's seed, empty for ``all``. Any metric may be
+missing, and a metric may be missing for some policies. ``EVAL_DIR/differences.csv``
+(:data:`DIFFERENCE_COLUMNS`) holds the paired differences between policies, if eval wrote it.
 
 - :func:`load_eval`: the table, typed
 - :func:`metric_figure`: one metric against iteration with error bars, each baseline as a band
 - :func:`change_figure`: the change of reward (and reference reward) from the previous iteration
+- :func:`reward_kl_figure`: reward against KL to base, one point per policy (what each gain costs)
 - :func:`summary_table` / :func:`format_table`: ``value [lo, hi]`` cells, policies x metrics; terminal text
-- :func:`write_eval_report`: ``EVAL_DIR/index.html`` (table, then every figure embedded; opens offline)
+- :func:`load_differences` / :func:`format_differences`: ``differences.csv``, typed; terminal text
+- :func:`monotonic_runs` / :func:`monotonicity_line`: in how many runs each iteration beat the previous one
+- :func:`write_eval_report`: ``EVAL_DIR/index.html`` (tables, then every figure embedded; opens offline)
 
-A policy that is none of these (not ``base``, not ``iter_NNN`` with NNN >= 1, not a baseline) is not
-dropped: it is placed after the baselines, drawn as a band like them, and named on the index page.
+A policy that is none of these (not ``base``, not ``iter_NNN`` with NNN >= 1, not a baseline, not a
+variant of one) is not dropped: it is placed after the baselines, drawn as a band like them, and named
+on the index page.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from plotly.subplots import make_subplots
 
 from analysis.pages import ensure_plotlyjs
 from analysis.plots import color, empty_figure
+from sims_lens.differences import DIFFERENCE_COLUMNS, DIFFERENCES_FILE
 from sims_lens.eval_runs import BASELINES, EVAL_COLUMNS, EVAL_FILE
 from sims_lens.files import write_atomic
 
@@ -40,6 +48,7 @@ METRICS: dict[str, str] = {
     "reward": "held-out reward (the oracle's mean score)",
     "reference_reward": "held-out reward under the reference oracle",
     "relevance": "relevance to the prompt (cosine of MiniLM sentence embeddings of prompt and response)",
+    "kl_to_base": "KL to base (nats/response)",
     "perplexity_under_base": "perplexity of the responses under the base model (fluency cost; lower is more fluent)",
     "response_length": "mean response length (tokens)",
     "distinct_2": "distinct token bigrams over all bigrams of a response (low = repetition)",
@@ -53,6 +62,8 @@ CHANGE_METRICS: dict[str, str] = {
 }
 """The change rows (iteration t minus iteration t-1; iteration 1 minus base), by the metric they change."""
 _ITERATION = re.compile(r"iter_(\d+)")
+_VARIANT = re.compile(r"(?P<root>.+?)(?:@iter_(?P<at>\d+))?(?:x(?P<times>\d+(?:\.\d*)?(?:e[+-]?\d+)?))?")
+"""``NAME``, ``NAME@iter_NNN`` (at iteration NNN's norm), ``NAMExM`` (scaled by M; as ``{M:g}`` writes it)."""
 _FLOAT_COLUMNS = ["value", "ci_low", "ci_high"]
 _GREEN, _RED, _GREY = "#2ca02c", "#d62728", "#888888"
 _HOVER = "%{customdata[0]}: %{y:.4g} [%{customdata[1]:.4g}, %{customdata[2]:.4g}]<extra></extra>"
@@ -118,21 +129,48 @@ def policy_iteration(policy: str) -> int | None:
     return None
 
 
+def _is_root(policy: str) -> bool:
+    return policy_iteration(policy) is not None or policy in BASELINES
+
+
+def policy_root(policy: str) -> str | None:
+    """The policy a name is, or is a variant of: ``static_first_matched@iter_001`` -> ``static_first_matched``,
+    ``iter_003x1.5`` -> ``iter_003``; ``base``, ``iter_NNN`` and a baseline are their own root. None if unrecognised.
+    """
+    if _is_root(policy):
+        return policy
+    match = _VARIANT.fullmatch(policy)
+    if match and (match["at"] or match["times"]) and _is_root(match["root"]):
+        return match["root"]
+    return None
+
+
+def _variant_key(policy: str) -> tuple[float, float]:
+    """(iteration, multiplier) of a variant, for sorting after its root: no ``@iter`` = last, no ``xM`` = 1."""
+    match = _VARIANT.fullmatch(policy)
+    at, times = (match["at"], match["times"]) if match else (None, None)
+    return (int(at) if at else math.inf, float(times) if times else 1.0)
+
+
 def policy_order(policies: list[str] | pd.Series) -> list[str]:
     """The distinct policies in table order: base, ``iter_*`` by iteration, the baselines, then the others.
 
-    The others (names this module does not recognise) keep the order they first appear in.
+    Each variant (``NAME@iter_NNN``, ``NAMExM``) follows its root name, variants of one root by
+    iteration, then multiplier. The others (names this module does not recognise) keep the order
+    they first appear in.
     """
     seen = list(dict.fromkeys(str(p) for p in policies))
-    on_axis = sorted((p for p in seen if policy_iteration(p) is not None), key=lambda p: (policy_iteration(p), p))
-    baselines = [p for p in BASELINES if p in seen]
-    others = [p for p in seen if policy_iteration(p) is None and p not in BASELINES]
-    return on_axis + baselines + others
+    named = {r for r in map(policy_root, seen) if r is not None}
+    on_axis = sorted((r for r in named if r not in BASELINES), key=lambda r: (policy_iteration(r), r))
+    roots = on_axis + [r for r in BASELINES if r in named]
+    variants = {r: sorted((p for p in seen if p != r and policy_root(p) == r), key=_variant_key) for r in roots}
+    ordered = [p for r in roots for p in ([r] if r in seen else []) + variants[r]]
+    return ordered + [p for p in seen if policy_root(p) is None]
 
 
 def unrecognised_policies(frame: pd.DataFrame) -> list[str]:
-    """Policies that are neither ``base``, ``iter_NNN`` nor a baseline (shown after the baselines, as bands)."""
-    return [p for p in policy_order(frame["policy"]) if policy_iteration(p) is None and p not in BASELINES]
+    """Policies that are neither ``base``, ``iter_NNN``, a baseline nor a variant of one (shown last, as bands)."""
+    return [p for p in policy_order(frame["policy"]) if policy_root(p) is None]
 
 
 def _band_policies(frame: pd.DataFrame) -> list[str]:
@@ -333,19 +371,85 @@ def change_figure(frame: pd.DataFrame, run: str = POOLED_RUN) -> go.Figure:
     return fig
 
 
+def reward_kl_figure(frame: pd.DataFrame, run: str = POOLED_RUN) -> go.Figure:
+    """Reward against KL to base, one point per policy with both, error bars both ways: what each gain costs.
+
+    Base sits at KL 0 (its KL is 0 by definition, also where the row is missing); base and the
+    iterations are joined by a line in order; Best-of-K (its analytic KL, a zero-width interval) is a
+    star; every other policy is its own point, coloured as its band in :func:`metric_figure`.
+    """
+    rows = _run_rows(frame, run)
+    title = f"Reward against KL to base: what each policy's gain costs ({_run_label(frame, run)})"
+    reward = rows[rows["metric"] == "reward"].set_index("policy")[_FLOAT_COLUMNS]
+    kl = rows[rows["metric"] == "kl_to_base"].set_index("policy")[_FLOAT_COLUMNS]
+    if BASE in reward.index and BASE not in kl.index:
+        kl.loc[BASE] = [0.0, np.nan, np.nan]
+    points = reward.join(kl, lsuffix="_reward", rsuffix="_kl", how="inner")
+    points = points[points["value_reward"].notna() & points["value_kl"].notna()]
+    if points.empty:
+        return empty_figure(title, f"no policy of run {run} has both reward and kl_to_base rows")
+    points = points.loc[[p for p in policy_order(list(points.index)) if p in points.index]]
+    fig = go.Figure()
+    line = [p for p in points.index if policy_iteration(p) is not None]
+    if line:
+        fig.add_trace(_kl_points(points.loc[line], "SIMS (base, then each iteration)", color(0), "lines+markers"))
+    bands = _band_policies(frame)
+    for policy in (p for p in points.index if policy_iteration(p) is None):
+        trace = _kl_points(points.loc[[policy]], policy, color(bands.index(policy) + 1), "markers")
+        if policy == "best_of_k":
+            trace.marker.update(symbol="star", size=14, line={"width": 1, "color": "#222222"})
+        elif policy_root(policy) != policy:
+            trace.marker.update(symbol="diamond")
+        fig.add_trace(trace)
+    fig.add_vline(x=0, line_dash="dot", line_color=_GREY)
+    fig.update_layout(
+        title=f"{title}<br><sup>up and to the left is better: more reward for less change of the model</sup>",
+        xaxis_title=METRICS["kl_to_base"],
+        yaxis_title="reward",
+        height=500,
+    )
+    return fig
+
+
+def _kl_points(points: pd.DataFrame, name: str, colour: str, mode: str) -> go.Scatter:
+    """A scatter of ``points`` (a :func:`reward_kl_figure` join, by policy) with error bars on both axes."""
+
+    def errors(suffix: str) -> dict[str, object]:
+        part = points[[f"{c}_{suffix}" for c in _FLOAT_COLUMNS]]
+        return _errors(part.set_axis(_FLOAT_COLUMNS, axis=1))
+
+    columns = ["ci_low_reward", "ci_high_reward", "value_kl", "ci_low_kl", "ci_high_kl"]
+    return go.Scatter(
+        x=points["value_kl"],
+        y=points["value_reward"],
+        error_x=errors("kl"),
+        error_y=errors("reward"),
+        customdata=np.column_stack([points.index.to_numpy(dtype=object), points[columns].to_numpy()]),
+        mode=mode,
+        name=name,
+        line={"color": colour, "width": 2},
+        marker={"size": 9, "color": colour},
+        hovertemplate=(
+            "%{customdata[0]}<br>reward %{y:.4g} [%{customdata[1]:.4g}, %{customdata[2]:.4g}]"
+            "<br>KL to base %{x:.4g} [%{customdata[4]:.4g}, %{customdata[5]:.4g}] nats<extra></extra>"
+        ),
+    )
+
+
 def _decimals(values: pd.Series) -> int:
     finite = values[np.isfinite(values)].abs()
     top = float(finite.max()) if len(finite) else 0.0
     return 3 if top < 10 else 2 if top < 100 else 1 if top < 1000 else 0
 
 
-def _cell(value: float, low: float, high: float, decimals: int) -> str:
+def _cell(value: float, low: float, high: float, decimals: int, signed: bool = False) -> str:
     if math.isnan(value):
         return ""
-    text = f"{value:.{decimals}f}"
+    form = f"{'+' if signed else ''}.{decimals}f"
+    text = format(value, form)
     if math.isnan(low) or math.isnan(high):
         return text
-    return f"{text} [{low:.{decimals}f}, {high:.{decimals}f}]"
+    return f"{text} [{format(low, form)}, {format(high, form)}]"
 
 
 def _metric_order(metrics: pd.Series) -> list[str]:
@@ -403,11 +507,121 @@ def format_table(table: pd.DataFrame, width: int = 120) -> str:
     return "\n\n".join(parts)
 
 
+class DifferencesNotFoundError(FileNotFoundError):
+    """``EVAL_DIR/differences.csv`` does not exist (an evaluation from before it was written, or not one)."""
+
+
+class DifferencesFormatError(ValueError):
+    """``differences.csv`` is unreadable, lacks or adds a column, or holds a bad value."""
+
+
+def load_differences(eval_dir: str | Path) -> pd.DataFrame:
+    """``EVAL_DIR/differences.csv`` (or the CSV file itself) as a typed table of exactly :data:`DIFFERENCE_COLUMNS`.
+
+    ``policy`` (``RUN/POLICY`` for a run's own rows), ``baseline`` and ``metric`` are strings;
+    ``value``, ``ci_low``, ``ci_high`` floats (empty = NaN). :class:`DifferencesNotFoundError` if the
+    file is missing; :class:`DifferencesFormatError`, naming the file, if its header is not exactly
+    :data:`DIFFERENCE_COLUMNS` in order or a cell is bad.
+    """
+    path = Path(eval_dir)
+    if path.is_dir() or path.suffix != ".csv":
+        path = path / DIFFERENCES_FILE
+    if not path.is_file():
+        raise DifferencesNotFoundError(
+            f"{path} does not exist (run `sims-lens eval` to write it, or pass the folder it wrote)"
+        )
+    expected = ", ".join(DIFFERENCE_COLUMNS)
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise DifferencesFormatError(f"{path} is empty; expected the columns {expected}") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise DifferencesFormatError(f"{path} is not a readable CSV file: {error}") from None
+    if list(raw.columns) != DIFFERENCE_COLUMNS:
+        found = ", ".join(map(str, raw.columns)) or "none"
+        raise DifferencesFormatError(f"{path} has the columns {found}; expected exactly {expected}")
+    frame = raw.copy()
+    for column in ["policy", "baseline", "metric"]:
+        frame[column] = frame[column].str.strip()
+        empty = frame.index[frame[column] == ""]
+        if len(empty):
+            raise DifferencesFormatError(f"{path} line {int(empty[0]) + 2}: empty {column}")
+    for column in _FLOAT_COLUMNS:
+        try:
+            frame[column] = _numbers(path, frame[column], column)
+        except ValueError as error:
+            raise DifferencesFormatError(str(error)) from None
+    return frame.reset_index(drop=True)
+
+
+def excludes_zero(frame: pd.DataFrame) -> pd.Series:
+    """Rows whose interval lies wholly above or below 0 (False where it is missing)."""
+    return (frame["ci_low"] > 0) | (frame["ci_high"] < 0)
+
+
+def differences_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """A :func:`load_differences` table as text cells, in file order: ``policy - baseline``, metric,
+    ``value [lo, hi]`` (signed; decimals per metric as in :func:`summary_table`), ``*`` where the interval excludes 0.
+    """
+    cells = []
+    decimals = {
+        m: _decimals(pd.concat([part[c] for c in _FLOAT_COLUMNS])) for m, part in frame.groupby("metric", sort=False)
+    }
+    for row, marked in zip(frame.itertuples(index=False), excludes_zero(frame), strict=True):
+        cell = _cell(row.value, row.ci_low, row.ci_high, decimals[row.metric], signed=True)
+        cells.append([f"{row.policy} - {row.baseline}", row.metric, cell or "-", "*" if marked else ""])
+    return pd.DataFrame(cells, columns=["policy - baseline", "metric", "difference [interval]", "excludes 0"])
+
+
+def format_differences(frame: pd.DataFrame) -> str:
+    """A :func:`load_differences` table as fixed-width text for the terminal (see :func:`differences_table`)."""
+    if frame.empty:
+        return "no paired differences"
+    table = differences_table(frame)
+    names, metrics, cells, marks = (table[c].tolist() for c in table.columns)
+    width = [max(len(h), *map(len, col)) for h, col in zip(table.columns[:3], [names, metrics, cells], strict=True)]
+    header = f"{table.columns[0]:<{width[0]}}  {table.columns[1]:<{width[1]}}  {table.columns[2]:>{width[2]}}"
+    lines = [header, "-" * len(header)]
+    for name, metric, cell, mark in zip(names, metrics, cells, marks, strict=True):
+        lines.append(f"{name:<{width[0]}}  {metric:<{width[1]}}  {cell:>{width[2]}} {mark}".rstrip())
+    lines.append("* the 95% interval excludes 0 (paired over prompts, and over runs where pooled)")
+    return "\n".join(lines)
+
+
+def monotonic_runs(frame: pd.DataFrame, metric: str = "reward") -> tuple[int, int]:
+    """(R, S): of the S single runs (not ``all``) with ``metric`` at two or more of base, iter_001, ...,
+    the R in which it rose strictly at every step (base -> iter_001 -> ... -> the last iteration).
+
+    A step joins consecutive iterations present in the run, so a missing iteration is skipped over.
+    """
+    rising, counted = 0, 0
+    for run in runs_of(frame):
+        if run == POOLED_RUN:
+            continue
+        rows = _run_rows(frame, run)
+        line = _on_axis(rows[(rows["metric"] == metric) & rows["value"].notna()])
+        if len(line) < 2:
+            continue
+        counted += 1
+        rising += bool((np.diff(line["value"].to_numpy()) > 0).all())
+    return rising, counted
+
+
+def monotonicity_line(frame: pd.DataFrame, metric: str = "reward") -> str:
+    """``"reward improved at every step in 3 of 5 runs"`` (:func:`monotonic_runs`)."""
+    rising, counted = monotonic_runs(frame, metric)
+    if not counted:
+        return f"no run has {metric} at base and an iteration (or two iterations)"
+    return f"{metric} improved at every step in {rising} of {counted} run{'s' if counted != 1 else ''}"
+
+
 def eval_figures(frame: pd.DataFrame, run: str = POOLED_RUN) -> dict[str, go.Figure]:
-    """Every figure of one run, by name: one per metric present (table order), then ``change``."""
+    """Every figure of one run, by name: one per metric present (table order), ``reward_kl``, then ``change``."""
     rows = _run_rows(frame, run)
     metrics = [m for m in _metric_order(rows["metric"]) if m not in CHANGE_METRICS]
     figures = {metric: metric_figure(frame, metric, run) for metric in metrics}
+    if {"reward", "kl_to_base"} <= set(rows["metric"]):
+        figures["reward_kl"] = reward_kl_figure(frame, run)
     if rows["metric"].isin(list(CHANGE_METRICS)).any():
         figures["change"] = change_figure(frame, run)
     return figures
@@ -416,19 +630,22 @@ def eval_figures(frame: pd.DataFrame, run: str = POOLED_RUN) -> dict[str, go.Fig
 def write_eval_report(eval_dir: str | Path) -> Path:
     """Write ``EVAL_DIR/index.html`` from ``EVAL_DIR/eval.csv``; returns its path.
 
-    The page holds the summary table of the pooled run (``all``, else the first run), then every
-    metric figure and the change figure, embedded; it loads ``EVAL_DIR/plotly.min.js`` (written
-    here), so it opens offline. With several runs a note says the intervals of ``all`` are over runs
-    and prompts, and each run's table follows. ValueError if the file is missing, malformed or empty.
+    The page holds the summary table of the pooled run (``all``, else the first run), in how many
+    runs reward rose at every step, the paired differences of ``EVAL_DIR/differences.csv`` (left out
+    if there is none), then every metric figure, the reward-KL figure and the change figure,
+    embedded; it loads ``EVAL_DIR/plotly.min.js`` (written here), so it opens offline. With several
+    runs a note says the intervals of ``all`` are over runs and prompts, and each run's table
+    follows. ValueError if ``eval.csv`` is missing, malformed or empty, or ``differences.csv`` malformed.
     """
     folder = Path(eval_dir)
     frame = load_eval(folder)
     if frame.empty:
         raise ValueError(f"{folder / EVAL_FILE} holds no rows; nothing to report")
+    differences = load_differences(folder) if (folder / DIFFERENCES_FILE).is_file() else None
     folder.mkdir(parents=True, exist_ok=True)
     ensure_plotlyjs(folder)
     path = folder / INDEX_FILE
-    write_atomic(path, eval_index_html(frame, str(folder)))
+    write_atomic(path, eval_index_html(frame, str(folder), differences))
     return path
 
 
@@ -438,8 +655,25 @@ def _table_html(table: pd.DataFrame) -> str:
     return f'<div class="wide">{flat.to_html(border=0, escape=True, index=False)}</div>'
 
 
-def eval_index_html(frame: pd.DataFrame, title: str) -> str:
-    """The index page of an evaluation (see :func:`write_eval_report`); loads ``plotly.min.js`` beside it."""
+def _differences_html(differences: pd.DataFrame | None) -> str:
+    if differences is None:
+        return ""
+    if differences.empty:
+        return f"<h2>Paired differences</h2><p>{DIFFERENCES_FILE} holds no rows.</p>"
+    table = differences_table(differences).to_html(border=0, escape=True, index=False)
+    return (
+        f"<h2>Paired differences ({DIFFERENCES_FILE}): value [interval]</h2>"
+        "<p>Each policy minus its baseline prompt by prompt (same prompts, same seeds); "
+        "* where the 95% interval excludes 0.</p>"
+        f'<div class="wide">{table}</div>'
+    )
+
+
+def eval_index_html(frame: pd.DataFrame, title: str, differences: pd.DataFrame | None = None) -> str:
+    """The index page of an evaluation (see :func:`write_eval_report`); loads ``plotly.min.js`` beside it.
+
+    ``differences``: a :func:`load_differences` table, shown after the summary (None: no such section).
+    """
     runs = runs_of(frame)
     main = runs[0]
     single = [r for r in runs if r != POOLED_RUN]
@@ -455,6 +689,8 @@ def eval_index_html(frame: pd.DataFrame, title: str) -> str:
     absent = [m for m in METRICS if not (rows["metric"] == m).any()]
     if absent:
         notes.append(f"<p>Metrics not in this evaluation: {html.escape(', '.join(absent))}.</p>")
+    steps = [monotonicity_line(frame, m) for m in CHANGE_METRICS.values() if (frame["metric"] == m).any()]
+    steady = "".join(f"<p><b>{html.escape(line)}</b> (single runs; strictly, from base on).</p>" for line in steps)
     others = unrecognised_policies(frame)
     if others:
         notes.append(
@@ -480,7 +716,9 @@ td:first-child,th:first-child{{text-align:left}}.wide{{overflow-x:auto}}</style>
 <h1>SIMS evaluation: {html.escape(title)}</h1>
 <h2>Summary ({html.escape(_run_label(frame, main))}): value [interval]</h2>
 {_table_html(summary_table(frame, main))}
+{steady}
 {"".join(notes)}
+{_differences_html(differences)}
 <h2>Figures</h2>
 <ul>{contents}</ul>
 {embedded}

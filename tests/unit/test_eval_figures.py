@@ -11,15 +11,27 @@ import pytest
 
 from analysis.eval_report import (
     BASELINES,
+    DIFFERENCE_COLUMNS,
     EVAL_COLUMNS,
+    DifferencesFormatError,
+    DifferencesNotFoundError,
     change_figure,
+    eval_figures,
+    format_differences,
     format_table,
+    load_differences,
     load_eval,
     metric_figure,
+    monotonic_runs,
+    monotonicity_line,
     policy_order,
+    policy_root,
+    reward_kl_figure,
     summary_table,
+    unrecognised_policies,
     write_eval_report,
 )
+from analysis.eval_report import METRICS as METRIC_LABELS
 
 T = 12
 RUNS = {"run_a": 0, "run_b": 1}
@@ -34,7 +46,7 @@ def value_of(policy: str, metric: str, run: str) -> float:
     start = base.get(metric, 0.5) + shift
     if policy == "base":
         return start
-    if policy.startswith("iter_"):
+    if policy.startswith("iter_") and policy[5:].isdigit():
         return start + 0.01 * int(policy[5:])
     return start + 0.1 * (1 + BASELINES.index(policy)) if policy in BASELINES else start - 0.05
 
@@ -46,7 +58,7 @@ def eval_rows(extra_policies: tuple[str, ...] = ()) -> list[dict[str, object]]:
         for policy in policies:
             metrics = [*METRICS, *([] if policy == "base" else ["win_rate_vs_base"])]
             metrics += ["samples_per_answer"]
-            if policy.startswith("iter_"):
+            if policy.startswith("iter_") and policy[5:].isdigit():
                 metrics += ["reward_change", "reference_reward_change"]
             for metric in metrics:
                 if metric.endswith("_change"):
@@ -204,7 +216,7 @@ def test_a_missing_interval_prints_the_value_alone(tmp_path: Path):
 def test_unrecognised_policies_are_shown_after_the_baselines_as_bands(tmp_path: Path):
     frame = load_eval(write_eval(tmp_path, eval_rows(extra_policies=("mystery", "iter_000"))))
     assert policy_order(frame["policy"])[-2:] == ["mystery", "iter_000"]
-    assert list(summary_table(frame).index)[-3:] == ["static_all", "mystery", "iter_000"]
+    assert list(summary_table(frame).index)[-3:] == [BASELINES[-1], "mystery", "iter_000"]
     fig = metric_figure(frame, "reward")
     assert len([t for t in fig.data if t.fill == "toself"]) == len(BASELINES) + 2
     assert {"mystery", "iter_000"} <= {t.name for t in fig.data}
@@ -234,3 +246,147 @@ def test_a_single_run_gets_no_pooling_note(tmp_path: Path):
     page = write_eval_report(write_eval(tmp_path, rows)).read_text()
     assert "over runs and prompts" not in page and "Per run" not in page
     assert "run run_a (seed 0)" in page
+
+
+def test_variants_follow_their_root_and_are_recognised():
+    policies = [
+        "fresh_pairsx0.5",
+        "static_all",
+        "iter_002",
+        "static_first_matched@iter_002",
+        "fresh_pairs",
+        "iter_003x1.5",
+        "static_first_matchedx1.5",
+        "best_of_k",
+        "static_first_matched@iter_001",
+        "static_first_matched",
+        "fresh_pairs@iter_001",
+        "iter_003",
+        "iter_003x0.5",
+        "mysteryx2",
+        "base",
+        "iter_001",
+        "iter_000x2",
+    ]
+    assert policy_order(policies) == [
+        "base",
+        "iter_001",
+        "iter_002",
+        "iter_003",
+        "iter_003x0.5",
+        "iter_003x1.5",
+        "best_of_k",
+        "static_all",
+        "static_first_matched",
+        "static_first_matched@iter_001",
+        "static_first_matched@iter_002",
+        "static_first_matchedx1.5",
+        "fresh_pairs",
+        "fresh_pairs@iter_001",
+        "fresh_pairsx0.5",
+        "mysteryx2",
+        "iter_000x2",
+    ]
+    assert policy_root("static_first_matched@iter_002") == "static_first_matched"
+    assert policy_root("iter_003x1.5") == "iter_003"
+    assert policy_root("mysteryx2") is None
+    rows = [{"policy": p, "run": "all", "metric": "reward", "value": 0.1} for p in policies]
+    assert unrecognised_policies(pd.DataFrame(rows)) == ["mysteryx2", "iter_000x2"]
+
+
+def kl_rows(tmp_path: Path) -> pd.DataFrame:
+    """The synthetic evaluation, with ``kl_to_base`` for every policy but base (analytic for best_of_k)."""
+    rows = eval_rows(extra_policies=("iter_012x1.5", "static_first_matched@iter_006"))
+    for row in [r for r in rows if r["metric"] == "reward" and r["policy"] != "base"]:
+        kl = 0.7 if row["policy"] == "best_of_k" else 0.05 + 0.01 * len(str(row["policy"]))
+        spread = (0.0, 0.0) if row["policy"] == "best_of_k" else (0.01, 0.02)
+        rows.append({**row, "metric": "kl_to_base", "value": kl, "ci_low": kl - spread[0], "ci_high": kl + spread[1]})
+    return load_eval(write_eval(tmp_path, rows))
+
+
+def test_reward_kl_figure_has_one_point_per_policy_with_error_bars(tmp_path: Path):
+    frame = kl_rows(tmp_path)
+    assert "kl_to_base" in METRIC_LABELS and METRIC_LABELS["kl_to_base"] == "KL to base (nats/response)"
+    fig = reward_kl_figure(frame)
+    policies = policy_order(frame["policy"])
+    points = [p for trace in fig.data for p in trace.customdata[:, 0]]
+    assert sorted(points) == sorted(policies) and len(points) == len(policies)
+    line = fig.data[0]
+    assert list(line.customdata[:, 0]) == ["base", *[f"iter_{t:03d}" for t in range(1, T + 1)]]
+    assert line.mode == "lines+markers" and line.x[0] == 0  # base at KL 0 though it has no kl row
+    for trace in fig.data:
+        assert trace.error_x.array is not None and trace.error_y.array is not None
+    best = next(t for t in fig.data if t.name == "best_of_k")
+    assert best.marker.symbol == "star" and list(best.error_x.array) == [0.0] and best.x[0] == 0.7
+    assert "%{customdata[0]}" in best.hovertemplate
+    assert "reward_kl" in eval_figures(frame)
+    assert "reward_kl" not in eval_figures(load_eval(write_eval(tmp_path, eval_rows())))
+    assert not reward_kl_figure(frame[frame["metric"] != "kl_to_base"]).data[1:]  # base alone: one point
+
+
+DIFFERENCES = [
+    dict(zip(DIFFERENCE_COLUMNS, row, strict=True))
+    for row in [
+        ("iter_012", "best_of_k", "reward", 0.1234, 0.05, 0.2),
+        ("iter_001", "base", "reward", 0.01, -0.02, 0.04),
+        ("run_a/iter_012", "base", "kl_to_base", 1.5, 1.2, 1.8),
+    ]
+]
+
+
+def write_differences(folder: Path, rows: list[dict[str, object]], columns: list[str] = DIFFERENCE_COLUMNS) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "differences.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+def test_load_differences_names_a_missing_file_and_rejects_other_columns(tmp_path: Path):
+    with pytest.raises(DifferencesNotFoundError, match=r"differences\.csv does not exist \(run `sims-lens eval`"):
+        load_differences(tmp_path)
+    write_differences(tmp_path, DIFFERENCES, columns=["policy", "baseline", "metric", "value"])
+    with pytest.raises(DifferencesFormatError, match=r"expected exactly policy, baseline, metric, value, ci_low"):
+        load_differences(tmp_path)
+    write_differences(tmp_path, DIFFERENCES, columns=[*DIFFERENCE_COLUMNS, "extra"])
+    with pytest.raises(DifferencesFormatError, match="has the columns"):
+        load_differences(tmp_path)
+    frame = load_differences(write_differences(tmp_path, DIFFERENCES))
+    assert list(frame.columns) == DIFFERENCE_COLUMNS
+    assert frame["value"].dtype == float and frame.loc[2, "policy"] == "run_a/iter_012"
+
+
+def test_format_differences_prints_values_and_marks_intervals_that_exclude_zero(tmp_path: Path):
+    text = format_differences(load_differences(write_differences(tmp_path, DIFFERENCES)))
+    lines = text.splitlines()
+    assert re.search(r"^iter_012 - best_of_k\s+reward\s+\+0\.123 \[\+0\.050, \+0\.200\] \*$", text, re.MULTILINE)
+    assert re.search(r"^iter_001 - base\s+reward\s+\+0\.010 \[-0\.020, \+0\.040\]$", text, re.MULTILINE)
+    assert "+1.500 [+1.200, +1.800] *" in text
+    assert lines[2].index("reward") == lines[3].index("reward")  # fixed-width columns
+    assert lines[-1].startswith("* ")
+
+
+def test_monotonic_runs_counts_runs_that_rose_at_every_step(tmp_path: Path):
+    rows = []
+    values = {"run_a": [0.1, 0.2, 0.3], "run_b": [0.1, 0.3, 0.2], "run_c": [0.0, 0.05, 0.5], "all": [0.0, 0.1, 0.0]}
+    for run, series in values.items():
+        for policy, value in zip(["base", "iter_001", "iter_002"], series, strict=True):
+            rows.append({"policy": policy, "run": run, "seed": "", "metric": "reward", "value": value})
+        rows.append({"policy": "best_of_k", "run": run, "seed": "", "metric": "reward", "value": 9.0})
+    frame = load_eval(write_eval(tmp_path, rows))
+    assert monotonic_runs(frame) == (2, 3)
+    assert monotonicity_line(frame) == "reward improved at every step in 2 of 3 runs"
+    assert monotonic_runs(frame, "relevance") == (0, 0)
+
+
+def test_index_shows_reward_kl_differences_and_monotonicity(tmp_path: Path):
+    frame = kl_rows(tmp_path)
+    assert len(frame)
+    page = write_eval_report(tmp_path).read_text()
+    assert 'id="figure-reward_kl"' in page and "improved at every step in 2 of 2 runs" in page
+    assert "Paired differences" not in page  # no differences.csv: no section
+    write_differences(tmp_path, DIFFERENCES)
+    page = write_eval_report(tmp_path).read_text()
+    assert "Paired differences" in page and "+0.123 [+0.050, +0.200]" in page
+    assert "Policies not recognised" not in page
