@@ -37,7 +37,7 @@ from sims_lens.activations import PairActivations
 from sims_lens.iteration import IterationResult
 from sims_lens.metrics import MetricRow, metric_row
 from sims_lens.run_folder import RunFolder
-from sims_lens.separability import Separability, separability_by_hook
+from sims_lens.separability import Separability, probe_accuracy_threshold, separability_by_hook
 from sims_lens.steering.functions import SteeringSet, layer_of
 
 OBSERVED_METRICS = [
@@ -207,7 +207,9 @@ def observed_rows(
     ``previous`` / ``first``: the candidates (by hook) of the previous iteration and of iteration 1
     (pass this iteration's own at iteration 1); ``policy``: the policy after this iteration, whose
     direction at a steered hook gives ``candidate_cos_steered``. Rows whose reference is missing
-    are left out. ``seed`` is the run's seed (the loop's own separability rows use it too).
+    are left out. ``seed`` is the run's seed (the loop's own separability rows use it too). One
+    row without a layer, ``probe_accuracy_threshold``, is the 95% family-wise permutation threshold
+    over the observed layers (the null's maximum over them; see :mod:`sims_lens.separability`).
     """
     summary = summary if summary is not None else summarize(observed)
     own = summary.by_hook()
@@ -229,6 +231,11 @@ def observed_rows(
             metric_row(t, "analysis", "probe_accuracy_null", sep.probe_accuracy_null, layer),
             metric_row(t, "analysis", "fisher_ratio", sep.fisher_ratio, layer),
         ]
+    if observed.observed_hooks:  # the family-wise null over these layers: what the best of them must beat
+        threshold = probe_accuracy_threshold(
+            observed.observed_positives, observed.observed_negatives, observed.prompt_ids, seed=seed
+        )
+        rows.append(metric_row(t, "analysis", "probe_accuracy_threshold", threshold))
     return rows
 
 

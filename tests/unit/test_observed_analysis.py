@@ -99,8 +99,12 @@ def test_a_difference_planted_at_one_layer_comes_out_as_the_most_separable():
     observed = synthetic_observed(planted=5)
     rows = observed_rows(observed, seed=0)
     assert {r["split"] for r in rows} == {"analysis"}
-    frame = pd.DataFrame(rows).pivot(index="layer", columns="metric", values="value")
-    assert list(frame.index) == list(range(8))  # every observed layer, steered or not
+    [threshold] = [r["value"] for r in rows if r["layer"] is None]  # the family-wise row, over all 8 layers
+    frame = pd.DataFrame([r for r in rows if r["layer"] is not None]).pivot(
+        index="layer", columns="metric", values="value"
+    )
+    assert list(frame.index) == list(range(8))  # every observed layer; only the planted one beats the threshold
+    assert [int(layer) for layer in frame.index[frame["probe_accuracy"] > threshold]] == [5]
     excess = frame["probe_accuracy"] - frame["probe_accuracy_null"]
     assert int(excess.idxmax()) == 5
     assert frame.loc[5, "probe_accuracy"] >= 0.85
@@ -126,9 +130,10 @@ def test_candidate_cosines_to_previous_first_and_steered_direction():
     assert got[("candidate_cos_first", 3)] == pytest.approx(-1, abs=1e-5)
     assert got[("candidate_cos_steered", 3)] == pytest.approx(-1, abs=1e-5)
     assert ("candidate_cos_steered", 0) not in got  # layer 0 is observed, not steered
-    assert {m for m, _ in got} == set(OBSERVED_METRICS)
+    assert {m for m, layer in got if layer is not None} == set(OBSERVED_METRICS)
+    assert {m for m, layer in got if layer is None} == {"probe_accuracy_threshold"}
     alone = observed_rows(first, seed=0)  # no previous iteration, no policy: those rows are left out
-    assert {r["metric"] for r in alone} == set(OBSERVED_METRICS) - {
+    assert {r["metric"] for r in alone if r["layer"] is not None} == set(OBSERVED_METRICS) - {
         "candidate_cos_prev",
         "candidate_cos_first",
         "candidate_cos_steered",

@@ -38,8 +38,6 @@ def test_validation_size_is_checked(tiny):
         tiny_sims(tiny, validation_size=8)
 
 
-
-
 def test_validation_prompts_are_never_drawn_for_training(tiny):
     sims = tiny_sims(tiny, iterations=3, prompts_per_iteration=6)
     validation = {p.text for p in sims.validation_prompts}
@@ -131,4 +129,3 @@ def test_a_rejected_iterations_pairs_are_recorded_as_not_applied(tiny, tmp_path:
     assert not kept[0].rejected
     ok = [json.loads(line) for line in (tmp_path / "ok" / "pairs.jsonl").read_text().splitlines()]
     assert ok and all(r["applied"] is True for r in ok)
-
