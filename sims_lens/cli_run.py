@@ -188,15 +188,15 @@ def eval_command(args: argparse.Namespace) -> int:
     from sims_lens.models import load_model
     from sims_lens.run_folder import RunFolder
 
-    runs = expand_run_dirs(args.run_dirs)
-    config = RunFolder(runs[0]).read_config()
-    settings = EvalSettings(
+    settings = EvalSettings(  # the options first: a bad one fails before any folder is read
         args.prompts,
         args.samples,
         args.reference_oracle,
         args.system_prompt or DEFAULT_SYSTEM_PROMPT,
         multipliers=parse_multipliers(args.multipliers),
     )
+    runs = expand_run_dirs(args.run_dirs)
+    config = RunFolder(runs[0]).read_config()
     start = time.perf_counter()
     model, tokenizer = load_model(
         args.model or config.model, dtype=config.dtype, device=args.device if args.device is not None else config.device

@@ -115,3 +115,14 @@ def test_cuda_without_cuda_is_one_line_and_exit_2(tmp_path, capsys, argv):
 def test_unknown_device_names_the_forms(tmp_path, capsys, device):
     assert main(["run", "--out", str(tmp_path / "r"), "--device", device]) == 2
     assert "cuda:N" in capsys.readouterr().err
+
+
+def test_eval_multipliers_are_parsed_and_bad_ones_refused(tmp_path, capsys):
+    from sims_lens.cli_run import parse_multipliers
+
+    assert parse_multipliers("0.5,1.5, 2") == (0.5, 1.5, 2.0) and parse_multipliers(None) == ()
+    for bad in ("1.5,x", "0", "-1", "nan", ","):
+        with pytest.raises(ValueError, match="--multipliers"):
+            parse_multipliers(bad)
+    assert main(["eval", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--multipliers", "a"]) == 2
+    assert "--multipliers 'a'" in capsys.readouterr().err
