@@ -78,16 +78,17 @@ def pairs_applied_by(folder: RunFolder, iterations: Sequence[int], tokenizer: An
     return {t: sum(u <= t for u in updates) for t in iterations}
 
 
-def fresh_prompts(folder: RunFolder, config: SimsConfig) -> list[Prompt]:
-    """Training prompts for fresh pi_0 pairs: never validation or held-out ones, and the run's own last.
+def fresh_prompts(folder: RunFolder, config: SimsConfig, exclude: Sequence[Prompt] = ()) -> list[Prompt]:
+    """Training prompts for fresh pi_0 pairs: never validation, held-out or ``exclude``d ones.
 
-    Shuffled with the run's seed. The prompts the run never sampled come first, so the fresh pairs
-    are new prompts as far as the pool allows.
+    Shuffled with the run's seed. The prompts the run never sampled come first, then the run's own,
+    so the fresh pairs are new prompts as far as the pool allows. ``exclude``: the prompts an
+    evaluation scores on (``sims-lens eval --prompts``), which no fit may see.
     """
     train = folder.load_prompts("prompts", config)
     if config.uses_validation:  # as the loop split them
         train, _ = split_validation(train, config.validation_size)
-    heldout = {p.text for p in folder.heldout_prompts(config)}
+    heldout = {p.text for p in [*folder.heldout_prompts(config), *exclude]}
     used = {str(r["prompt_id"]) for r in folder.read_samples()}
     pool = [p for p in train if p.text not in heldout]
     random.Random(derive_seed(config.seed, "fresh_pairs", "prompts")).shuffle(pool)
@@ -95,7 +96,13 @@ def fresh_prompts(folder: RunFolder, config: SimsConfig) -> list[Prompt]:
 
 
 def fresh_pairs(
-    folder: RunFolder, config: SimsConfig, model: Any, tokenizer: Any, oracle: Any, n_pairs: int
+    folder: RunFolder,
+    config: SimsConfig,
+    model: Any,
+    tokenizer: Any,
+    oracle: Any,
+    n_pairs: int,
+    exclude: Sequence[Prompt] = (),
 ) -> list[Pair]:
     """At least ``n_pairs`` pairs (when the prompts allow) chosen as the run chooses them, all sampled from pi_0.
 
@@ -103,7 +110,7 @@ def fresh_pairs(
     the unsteered model, scored by ``oracle`` and paired by the run's ``pairs_per_prompt`` and
     ``margin``, until ``n_pairs`` pairs are found or the prompts run out.
     """
-    prompts = fresh_prompts(folder, config)
+    prompts = fresh_prompts(folder, config, exclude)
     k, n = config.samples_per_prompt, config.prompts_per_iteration
     generation = GenerationSettings(config.max_new_tokens, config.temperature, config.top_p, config.batch_size, True)
     pairs: list[Pair] = []

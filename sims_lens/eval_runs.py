@@ -188,7 +188,8 @@ def _answer_all(
     static = static_all(folder, config, model, tokenizer)
     if static is not None:
         out["static_all"] = answer("static_all", static)
-    for name, steering in _norm_matched(folder, config, model, tokenizer, oracle, first_fit, policies).items():
+    matched = _norm_matched(folder, config, model, tokenizer, oracle, first_fit, policies, prompts)
+    for name, steering in matched.items():
         same = next((a for a in out.values() if _same_steering(a.steering, steering)), None)
         out[name] = replace(same, policy=name, values={}) if same is not None else answer(name, steering)
     last = f"iter_{iterations[-1]:03d}"
@@ -209,20 +210,24 @@ def _norm_matched(
     oracle: Any,
     first_fit: SteeringSet | None,
     policies: dict[int, SteeringSet | None],
+    prompts: Sequence[Prompt],
 ) -> dict[str, SteeringSet]:
     """``static_first_matched`` and ``fresh_pairs`` at each iteration's policy norm (``NAME@iter_NNN`` before the last).
 
-    Only for additive edits (a rotation has no length to match) and runs with their learner recorded
-    by name (the fresh fits use it).
+    Only for additive edits (a rotation has no length to match) and policies on the fitted hooks
+    alone (an ``init`` on other hooks has no fit to match). ``prompts`` are the evaluation's: the
+    fresh pairs never use them.
     """
     last = max(policies)
     named = {t: (lambda name, t=t: name if t == last else f"{name}@iter_{t:03d}") for t in policies}
     additive = [p for p in [first_fit, *policies.values()] if p is not None]
     if first_fit is None or any(fn.edit not in ("add", "ablate_add") for p in additive for fn in p):
         return {}
+    if any(set(p.functions) != set(first_fit.functions) for p in additive):
+        return {}
     out = {named[t]("static_first_matched"): first_fit.norm_matched(p) for t, p in policies.items() if p is not None}
     counts = pairs_applied_by(folder, list(policies), tokenizer)
-    pairs = fresh_pairs(folder, config, model, tokenizer, oracle, max(counts.values()))
+    pairs = fresh_pairs(folder, config, model, tokenizer, oracle, max(counts.values()), exclude=prompts)
     for t, policy in policies.items():
         n = min(counts[t], len(pairs))
         if policy is not None and n >= 2:
@@ -465,6 +470,13 @@ def _check_comparable(folders: Sequence[RunFolder], configs: Sequence[SimsConfig
     names = [f.path.name for f in folders]
     if len(set(names)) != len(names):
         raise ValueError(f"run folders must have different names to be told apart in eval.csv, got {names}")
+    finished = [f.steering_iterations("policy") for f in folders]
+    if any(done != finished[0] for done in finished[1:]):
+        counts = ", ".join(f"{name}: {len(done)}" for name, done in zip(names, finished, strict=True))
+        raise ValueError(
+            f"runs pooled into one estimate must have finished the same iterations ({counts}); extend the "
+            "shorter runs with sims-lens run --resume --set iterations=N, or evaluate them separately"
+        )
     first = {k: v for k, v in vars(configs[0]).items() if k not in ("seed", "iterations")}
     for folder, config in zip(folders[1:], configs[1:], strict=True):
         other = {k: v for k, v in vars(config).items() if k not in ("seed", "iterations")}

@@ -145,8 +145,12 @@ def split_validation(prompts: Sequence[Prompt], size: int) -> tuple[list[Prompt]
             "to train on: lower validation_size or give more prompts"
         )
     ranked = sorted(prompts, key=lambda p: (hashlib.sha256(p.text.encode("utf-8")).hexdigest(), p.id))
-    chosen = {id(p) for p in ranked[:size]}
-    return [p for p in prompts if id(p) not in chosen], ranked[:size]
+    validation: list[Prompt] = []
+    for prompt in ranked[:size]:
+        if all(prompt.text != other.text for other in validation):
+            validation.append(prompt)
+    chosen = {p.text for p in validation}  # by text: a repeated prompt is never on both sides
+    return [p for p in prompts if p.text not in chosen], validation
 
 
 def read_records(

@@ -175,3 +175,33 @@ def test_a_rejected_iterations_pairs_are_not_counted(tiny, tmp_path: Path):
     (run / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     after = pairs_applied_by(folder, [1, 2], tok)
     assert after[1] == before[1] and after[2] == before[1] < before[2]
+
+
+def test_runs_that_finished_different_iterations_are_not_pooled(tiny, tmp_path: Path):
+    a = make_run(tiny, tmp_path / "a", 0)
+    sims = tiny_sims(tiny, seed=1, iterations=1, out=tmp_path / "b")
+    list(sims.iterate())
+    model, tok = tiny
+    with pytest.raises(ValueError, match=r"finished the same iterations \(a: 2, b: 1\)"):
+        evaluate_runs(
+            [a, tmp_path / "b"],
+            tmp_path / "out",
+            model,
+            tok,
+            EvalSettings(),
+            oracle=LetterOracle(),
+            relevance=FakeRelevance(),
+        )
+
+
+def test_fresh_pairs_never_draw_validation_heldout_or_evaluated_prompts(tiny, tmp_path: Path):
+    from sims_lens.baselines import fresh_prompts
+    from tests.helpers import HELDOUT, TRAIN
+
+    run = make_run(tiny, tmp_path / "run", 0)
+    folder = RunFolder(run)
+    config = folder.read_config()
+    evaluated = [p for p in TRAIN if p.text == "Explain gravity"]
+    pool = {p.text for p in fresh_prompts(folder, config, exclude=evaluated)}
+    validation = {p.text for p in tiny_sims(tiny).validation_prompts}
+    assert pool and pool.isdisjoint(validation | {p.text for p in HELDOUT} | {"Explain gravity"})

@@ -26,6 +26,9 @@ def test_the_split_is_fixed_by_the_prompts_alone():
     assert split_validation(PROMPTS, 0) == (PROMPTS, [])
     with pytest.raises(ValueError, match="validation_size = 20 but there are only 20"):
         split_validation(PROMPTS, 20)
+    twice = [*PROMPTS, *(Prompt(f"again{p.id}", p.text) for p in PROMPTS)]  # every text twice
+    train, validation = split_validation(twice, 5)
+    assert {p.text for p in train}.isdisjoint(p.text for p in validation)  # a repeat never straddles
 
 
 def test_validation_size_is_checked(tiny):
