@@ -81,24 +81,14 @@ def load_eval(eval_dir: str | Path) -> pd.DataFrame:
         path = path / EVAL_FILE
     if not path.is_file():
         raise ValueError(f"{path} does not exist (run `sims-lens eval` first, or pass the folder it wrote)")
-    try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"{path} is empty; expected the columns {', '.join(EVAL_COLUMNS)}") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not a readable CSV file: {error}") from None
+    raw = _read_text_csv(path, EVAL_COLUMNS, ValueError)
     missing = [c for c in EVAL_COLUMNS if c not in raw.columns]
     if missing:
         raise ValueError(
             f"{path} lacks the column(s) {', '.join(missing)}; expected {', '.join(EVAL_COLUMNS)} "
             f"(found {', '.join(map(str, raw.columns)) or 'none'})"
         )
-    frame = raw[EVAL_COLUMNS].copy()
-    for column in ["policy", "run", "metric"]:
-        frame[column] = frame[column].str.strip()
-        empty = frame.index[frame[column] == ""]
-        if len(empty):
-            raise ValueError(f"{path} line {int(empty[0]) + 2}: empty {column}")
+    frame = _stripped(raw[EVAL_COLUMNS].copy(), ["policy", "run", "metric"], path, ValueError)
     for column in [*_FLOAT_COLUMNS, "seed"]:
         frame[column] = _numbers(path, frame[column], column)
     seeds = frame["seed"].dropna()
@@ -530,28 +520,39 @@ def load_differences(eval_dir: str | Path) -> pd.DataFrame:
         raise DifferencesNotFoundError(
             f"{path} does not exist (run `sims-lens eval` to write it, or pass the folder it wrote)"
         )
-    expected = ", ".join(DIFFERENCE_COLUMNS)
-    try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise DifferencesFormatError(f"{path} is empty; expected the columns {expected}") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise DifferencesFormatError(f"{path} is not a readable CSV file: {error}") from None
+    raw = _read_text_csv(path, DIFFERENCE_COLUMNS, DifferencesFormatError)
     if list(raw.columns) != DIFFERENCE_COLUMNS:
         found = ", ".join(map(str, raw.columns)) or "none"
-        raise DifferencesFormatError(f"{path} has the columns {found}; expected exactly {expected}")
-    frame = raw.copy()
-    for column in ["policy", "baseline", "metric"]:
-        frame[column] = frame[column].str.strip()
-        empty = frame.index[frame[column] == ""]
-        if len(empty):
-            raise DifferencesFormatError(f"{path} line {int(empty[0]) + 2}: empty {column}")
+        raise DifferencesFormatError(
+            f"{path} has the columns {found}; expected exactly {', '.join(DIFFERENCE_COLUMNS)}"
+        )
+    frame = _stripped(raw.copy(), ["policy", "baseline", "metric"], path, DifferencesFormatError)
     for column in _FLOAT_COLUMNS:
         try:
             frame[column] = _numbers(path, frame[column], column)
         except ValueError as error:
             raise DifferencesFormatError(str(error)) from None
     return frame.reset_index(drop=True)
+
+
+def _read_text_csv(path: Path, expected: list[str], error: type[Exception]) -> pd.DataFrame:
+    """Every cell of a CSV file as text (never NaN); ``error``, naming the file, if it is empty or unreadable."""
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise error(f"{path} is empty; expected the columns {', '.join(expected)}") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as problem:
+        raise error(f"{path} is not a readable CSV file: {problem}") from None
+
+
+def _stripped(frame: pd.DataFrame, columns: list[str], path: Path, error: type[Exception]) -> pd.DataFrame:
+    """``frame`` with these text columns stripped; ``error`` naming the line of the first empty cell."""
+    for column in columns:
+        frame[column] = frame[column].str.strip()
+        empty = frame.index[frame[column] == ""]
+        if len(empty):
+            raise error(f"{path} line {int(empty[0]) + 2}: empty {column}")
+    return frame
 
 
 def excludes_zero(frame: pd.DataFrame) -> pd.Series:

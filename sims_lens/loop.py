@@ -453,29 +453,25 @@ class Sims:
         rewards of different iterations are comparable; during training the policy judges itself.
         Held-out evaluations only report: no choice of the loop reads them (see :meth:`validate`).
         """
-        return evaluate(
-            self.model,
-            self.tokenizer,
-            self.heldout_prompts,
-            self.oracle,
-            self.generation,
-            steering=policy,
-            samples_per_prompt=self.config.eval_samples_per_prompt,
-            seed=heldout_seed(self.config.seed),
-            reference=self.reference,
-        )
+        return self._evaluate_on(self.heldout_prompts, policy, heldout_seed(self.config.seed), self.reference)
 
     def validate(self, policy: SteeringSet | None) -> Evaluation:
         """:meth:`evaluate` on the validation prompts, with its own seed: what the guard rail judges."""
+        return self._evaluate_on(self.validation_prompts, policy, derive_seed(self.config.seed, "validation"))
+
+    def _evaluate_on(
+        self, prompts: Sequence[Prompt], policy: SteeringSet | None, seed: int, reference: Any = None
+    ) -> Evaluation:
         return evaluate(
             self.model,
             self.tokenizer,
-            self.validation_prompts,
+            prompts,
             self.oracle,
             self.generation,
             steering=policy,
             samples_per_prompt=self.config.eval_samples_per_prompt,
-            seed=derive_seed(self.config.seed, "validation"),
+            seed=seed,
+            reference=reference,
         )
 
     def choose_layers(self) -> list[int]:

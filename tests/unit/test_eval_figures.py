@@ -81,13 +81,18 @@ def eval_rows(extra_policies: tuple[str, ...] = ()) -> list[dict[str, object]]:
     return rows
 
 
-def write_eval(folder: Path, rows: list[dict[str, object]], columns: list[str] = EVAL_COLUMNS) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "eval.csv").open("w", newline="") as handle:
+def write_csv(path: Path, rows: list[dict[str, object]], columns: list[str]) -> Path:
+    """``rows`` as a CSV file at ``path`` (its folder made); returns the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    return folder
+    return path.parent
+
+
+def write_eval(folder: Path, rows: list[dict[str, object]], columns: list[str] = EVAL_COLUMNS) -> Path:
+    return write_csv(folder / "eval.csv", rows, columns)
 
 
 @pytest.fixture
@@ -335,12 +340,7 @@ DIFFERENCES = [
 
 
 def write_differences(folder: Path, rows: list[dict[str, object]], columns: list[str] = DIFFERENCE_COLUMNS) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "differences.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    return folder
+    return write_csv(folder / "differences.csv", rows, columns)
 
 
 def test_load_differences_names_a_missing_file_and_rejects_other_columns(tmp_path: Path):

@@ -101,17 +101,14 @@ def test_runs_that_differ_in_more_than_the_seed_are_not_pooled(tiny, tmp_path: P
     folder, _, _ = open_run(tmp_path / "b", sims.config, resume=False)
     sims.callbacks = [RunWriter(folder, sims.model)]
     list(sims.iterate())
-    model, tok = tiny
     with pytest.raises(ValueError, match=r"differs .* in multiplier"):
-        evaluate_runs(
-            [a, tmp_path / "b"],
-            tmp_path / "out",
-            model,
-            tok,
-            EvalSettings(),
-            oracle=LetterOracle(),
-            relevance=FakeRelevance(),
-        )
+        _pool(tiny, [a, tmp_path / "b"], tmp_path / "out")
+
+
+def _pool(tiny, runs, out):
+    """``evaluate_runs`` of several run folders with the deterministic oracles."""
+    model, tok = tiny
+    return evaluate_runs(runs, out, model, tok, EvalSettings(), oracle=LetterOracle(), relevance=FakeRelevance())
 
 
 def test_norm_matched_baselines_kl_and_multipliers(evaluated):
@@ -181,17 +178,8 @@ def test_runs_that_finished_different_iterations_are_not_pooled(tiny, tmp_path: 
     a = make_run(tiny, tmp_path / "a", 0)
     sims = tiny_sims(tiny, seed=1, iterations=1, out=tmp_path / "b")
     list(sims.iterate())
-    model, tok = tiny
     with pytest.raises(ValueError, match=r"finished the same iterations \(a: 2, b: 1\)"):
-        evaluate_runs(
-            [a, tmp_path / "b"],
-            tmp_path / "out",
-            model,
-            tok,
-            EvalSettings(),
-            oracle=LetterOracle(),
-            relevance=FakeRelevance(),
-        )
+        _pool(tiny, [a, tmp_path / "b"], tmp_path / "out")
 
 
 def test_fresh_pairs_never_draw_validation_heldout_or_evaluated_prompts(tiny, tmp_path: Path):
