@@ -94,11 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_more(sub: Any) -> None:
     """Subcommands that live in other modules register here (keeps this file a wiring table)."""
-    try:
-        from sims_lens.cli_run import register
-    except ImportError:  # pragma: no cover - the run command arrives with the loop
-        return
-    register(sub)
+    from sims_lens.cli_run import register as register_run
+    from sims_lens.cli_sweep import register as register_sweep
+
+    register_run(sub)
+    register_sweep(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
