@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +17,17 @@ class SweepLetterOracle(LetterOracle):
     """:class:`~tests.helpers.LetterOracle` under a registry name, optionally slow or failing.
 
     ``delay``: seconds per call (so a test can kill a sweep mid-cell); ``fail_if``: a file whose
-    existence makes every call raise (a failure that running again can get past).
+    existence makes every call raise (a failure that running again can get past); ``die``: the
+    process exits at once, as under the kernel's out-of-memory killer.
     """
 
     delay: float = 0.0
     fail_if: str = ""
+    die: bool = False
 
     def score(self, prompts, responses):
+        if self.die:
+            os._exit(9)
         if self.fail_if and Path(self.fail_if).exists():
             raise RuntimeError(f"simulated crash ({self.fail_if} exists)")
         time.sleep(self.delay)

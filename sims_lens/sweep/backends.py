@@ -21,6 +21,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from typing import Any
 
@@ -44,24 +45,31 @@ def run_local(jobs: Sequence[CellJob], started: Started) -> Iterator[CellOutcome
 
 
 def run_processes(jobs: Sequence[CellJob], started: Started, max_parallel: int) -> Iterator[CellOutcome]:
-    """Cells in ``max_parallel`` spawned worker processes; at most that many at once."""
+    """Cells in ``max_parallel`` spawned worker processes; at most that many at once.
+
+    A worker that dies (the kernel's out-of-memory killer, a segfault) breaks its pool: the cells
+    running there are recorded as lost (the next run retries them) and a new pool takes the rest.
+    """
     context = get_context("spawn")  # no forked torch state; the same start on every platform
     parent = os.getpid()
-    with ProcessPoolExecutor(max_parallel, mp_context=context, initializer=_die_with_parent) as pool:
-        queue = list(jobs)
-        running: dict[Future[CellOutcome], CellJob] = {}
-        while queue or running:
-            while queue and len(running) < max_parallel:
-                job = queue.pop(0)
-                running[pool.submit(run_cell, job, parent)] = job
-                started(job.name)
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                job = running.pop(future)
-                try:
-                    yield future.result()
-                except Exception as err:  # a worker that died (killed, out of memory)
-                    yield CellOutcome(job.name, "failed", 0, 0.0, job.threads, f"worker lost: {error_line(err)}")
+    queue = list(jobs)
+    while queue:
+        with ProcessPoolExecutor(max_parallel, mp_context=context, initializer=_die_with_parent) as pool:
+            running: dict[Future[CellOutcome], CellJob] = {}
+            broken = False
+            while running or (queue and not broken):
+                while queue and not broken and len(running) < max_parallel:
+                    job = queue.pop(0)
+                    running[pool.submit(run_cell, job, parent)] = job
+                    started(job.name)
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    job = running.pop(future)
+                    try:
+                        yield future.result()
+                    except Exception as err:  # the worker died: its pool is broken
+                        broken = broken or isinstance(err, BrokenProcessPool)
+                        yield CellOutcome(job.name, "failed", 0, 0.0, job.threads, f"worker lost: {error_line(err)}")
 
 
 def run_ray(

@@ -98,6 +98,8 @@ def sweep(
         raise SweepError(str(err)) from None
     say: Report = report or (lambda line: None)
     folder = SweepFolder(out)
+    if folder.path.exists() and not folder.path.is_dir():
+        raise SweepError(f"--out {folder.path} is a file; pass a folder for the sweep")
     with folder.lock():
         folder.claim(grid, extend)
         statuses = _current_statuses(folder, grid)
@@ -182,9 +184,10 @@ def _current_statuses(folder: SweepFolder, grid: Grid) -> dict[str, CellStatus]:
     statuses = {}
     for cell in grid.cells():
         status = saved.get(cell.name) or CellStatus(cell.name, dict(cell.values))
-        status.of = int(cell.settings(grid.base).get("iterations", SimsConfig.iterations))
+        planned = cell.settings(grid.base).get("iterations", SimsConfig.iterations)
+        status.of = planned if isinstance(planned, int) else 0  # a bad value fails the cell, with its message
         status.iterations = folder.completed(cell)
-        if status.iterations >= status.of:
+        if status.of and status.iterations >= status.of:
             status.status, status.error, status.final = "done", None, False
         elif not (status.status == "failed" and status.final):
             status.status = "pending"

@@ -96,8 +96,6 @@ class SweepFolder:
         A folder of another grid is refused with one line naming the difference, unless ``extend``
         and the new grid only adds cells (same base and factors, every old cell kept).
         """
-        if self.path.exists() and not self.path.is_dir():
-            raise GridError(f"--out {self.path} is a file; pass a folder for the sweep")
         names = [cell.name for cell in grid.cells()]
         if not self.grid_path.is_file():
             if self.path.is_dir() and any(p.name != ".lock" for p in self.path.iterdir()):

@@ -35,7 +35,8 @@ def tiny_folder(tmp_path_factory):
 
 
 def grid_table(model: Path, **factors) -> dict:
-    return {
+    """The tiny model's grid: the tiny loop's settings as the base (less any key that is a factor)."""
+    base = {
         "imports": ["tests.sweep_parts"],
         "model": str(model),
         "oracle": "letter_e",
@@ -50,8 +51,9 @@ def grid_table(model: Path, **factors) -> dict:
         "validation_size": 2,
         "batch_size": 8,
         "top_p": 1.0,
-        "factors": factors or {"learner": ["mean_diff", "pca"], "seed": [0, 1]},
     }
+    factors = factors or {"learner": ["mean_diff", "pca"], "seed": [0, 1]}
+    return {**{k: v for k, v in base.items() if k not in factors}, "factors": factors}
 
 
 def files_of(folder: Path) -> dict[str, bytes]:
@@ -163,6 +165,16 @@ def test_worker_processes_compute_what_the_in_process_backend_does(tiny_folder, 
     assert files_of(tmp_path / "two") == files_of(tmp_path / "one")
 
 
+def test_a_worker_that_dies_loses_its_cell_and_a_new_pool_runs_the_rest(tiny_folder, tmp_path):
+    table = grid_table(tiny_folder, **{"oracles.letter_e.die": [True, False], "seed": [0, 1]})
+    result = sweep(table, tmp_path / "sweep", max_parallel=2, threads=1, report=None)
+    by_name = {s.name: s for s in result.statuses}
+    for name in ("oracles.letter_e.die=true,seed=0", "oracles.letter_e.die=true,seed=1"):
+        assert by_name[name].status == "failed" and not by_name[name].final
+        assert by_name[name].error.startswith("worker lost: BrokenProcessPool")
+    assert by_name["oracles.letter_e.die=false,seed=1"].status == "done"  # ran in a fresh pool
+
+
 def test_a_failing_cell_is_recorded_while_the_others_finish(tiny_folder, tmp_path):
     out = tmp_path / "sweep"
     flag = tmp_path / "crash"
@@ -186,6 +198,13 @@ def test_a_failing_cell_is_recorded_while_the_others_finish(tiny_folder, tmp_pat
     assert statuses[crashed[0].name] == "done"
     assert statuses["multiplier=0.0,oracles.letter_e.fail_if=empty"] == "failed"
     assert sum(s == "done" for s in statuses.values()) == 2
+
+
+def test_a_bad_value_of_iterations_fails_its_cell_only(tiny_folder, tmp_path):
+    result = sweep(grid_table(tiny_folder, iterations=["two", 1]), tmp_path / "sweep", threads=1, report=None)
+    bad, good = result.statuses
+    assert (bad.status, bad.final, bad.of) == ("failed", True, 0) and "iterations = 'two'" in bad.error
+    assert (good.status, good.iterations, good.of) == ("done", 1, 1)
 
 
 def test_a_changed_grid_is_refused_and_extend_only_adds_cells(tiny_folder, tmp_path):
@@ -215,6 +234,9 @@ def test_sweep_options_out_of_range_fail_before_anything_is_written(tiny_folder,
     ]:
         with pytest.raises(SweepError, match=message):
             sweep(grid_table(tiny_folder), out, report=None, **kwargs)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SweepError, match="is a file; pass a folder"):
+        sweep(grid_table(tiny_folder), tmp_path / "a_file", report=None)
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     with pytest.raises(SweepError, match=r"needs Ray, which is not installed: pip install 'sims-lens\[ray\]'"):
         sweep(grid_table(tiny_folder), out, backend="ray", report=None)
