@@ -12,6 +12,10 @@ The library in one screen::
         ...  # generate steered
 
     steering = fit_pairs(model, tokenizer, [("prompt", "chosen answer", "rejected answer"), ...], layers=[15])
+
+    from sims_lens.sweep import sweep  # a grid of whole runs, resumable, local or on Ray
+
+    sweep("sweeps/learner_seed.toml", out="runs/learners").table()
 """
 
 from sims_lens.config import SimsConfig, load_config
