@@ -25,6 +25,7 @@ def sweep_command(args: argparse.Namespace) -> int:
         gpus_per_cell=args.gpus_per_cell,
         threads=args.threads,
         extend=args.extend,
+        retry_failed=args.retry_failed,
     )
     table = result.table()
     print(f"\nlast finished iteration per cell (held-out; {result.folder.results_path}):")
@@ -40,11 +41,9 @@ def sweep_command(args: argparse.Namespace) -> int:
     if result.failed:
         print(f"\n{len(result.failed)} of {len(result.statuses)} cells failed:", file=sys.stderr)
         for status in result.failed:
-            again = (
-                "final"
-                if status.final
-                else f"retried by the next run; traceback in {result.folder.log_path(status.name)}"
-            )
+            again = "final: --retry-failed runs it again" if status.final else "the next run retries it"
+            if result.folder.log_path(status.name).is_file():
+                again += f"; traceback in {result.folder.log_path(status.name)}"
             print(f"  {status.name}: {status.error} ({again})", file=sys.stderr)
         return 1
     return 0
@@ -53,7 +52,9 @@ def sweep_command(args: argparse.Namespace) -> int:
 def _sweep_page(path: Path) -> Path | None:
     try:
         from analysis.sweep_report import write_sweep_report
-    except ImportError:
+    except ModuleNotFoundError as err:  # sims_lens installed without the analysis package beside it
+        if not (err.name or "").startswith("analysis"):
+            raise
         return None
     return Path(write_sweep_report(path))
 
@@ -86,5 +87,8 @@ def register(sub: Any) -> None:
     sweep.add_argument("--gpus-per-cell", type=float, default=0, help="Ray: GPUs per cell (e.g. 1)")
     sweep.add_argument("--threads", type=int, default=None, help="torch threads per cell (same in every backend)")
     sweep.add_argument("--extend", action="store_true", help="allow a grid that only adds cells to OUT")
+    sweep.add_argument(
+        "--retry-failed", action="store_true", help="run cells whose failure was final (bad value, guard stop) again"
+    )
     sweep.add_argument("--eval", action="store_true", help="then sims-lens eval per group of cells differing in seed")
     sweep.set_defaults(func=sweep_command)

@@ -17,6 +17,7 @@ from typing import Any
 import tomli_w
 
 from sims_lens.capture import REDUCTIONS
+from sims_lens.files import write_atomic
 from sims_lens.update_rules import DEFAULT_RATE, UPDATE_RULES
 from sims_lens.validation import ConfigError, check_field_types, rename_key
 from sims_lens.validation import require as _check
@@ -352,12 +353,13 @@ def config_to_dict(config: SimsConfig) -> dict[str, Any]:
 
 def to_toml(data: dict[str, Any]) -> str:
     """TOML text for a configuration dictionary (``None`` values are left out: TOML has no null)."""
-    return tomli_w.dumps(_without_none(data))
+    return tomli_w.dumps(without_none(data))
 
 
-def _without_none(data: dict[str, Any]) -> dict[str, Any]:
-    return {k: _without_none(v) if isinstance(v, dict) else v for k, v in data.items() if v is not None}
+def without_none(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: without_none(v) if isinstance(v, dict) else v for k, v in data.items() if v is not None}
 
 
 def save_config(config: SimsConfig, path: str | Path) -> None:
-    Path(path).write_text(to_toml(config_to_dict(config)))
+    """Write ``config.toml`` whole or not at all (a resumed run rewrites it; a kill must not tear it)."""
+    write_atomic(Path(path), to_toml(config_to_dict(config)))

@@ -31,6 +31,7 @@ observed file). Readers ignore rows and files of iterations past ``completed_ite
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import socket
@@ -408,11 +409,16 @@ class RunFolder:
             write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
         if self.metrics_path.is_file():
             with self.metrics_path.open() as fh:
-                rows = [r for r in csv.DictReader(fh) if int(r["iteration"]) <= iteration]
-            with self.metrics_path.open("w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
-                writer.writeheader()
-                writer.writerows(rows)
+                rows = [
+                    r
+                    for r in csv.DictReader(fh)
+                    if (r["iteration"] or "").isdigit() and int(r["iteration"]) <= iteration
+                ]
+            text = io.StringIO()
+            writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+            write_atomic(self.metrics_path, text.getvalue())  # a kill here leaves the old file whole
         for later in _numbered(self.observed_dir, "iter"):
             if later > iteration:
                 self.observed_path(later).unlink(missing_ok=True)
@@ -421,6 +427,19 @@ class RunFolder:
         """The process holding ``RUN/.lock`` if it is still running (its pid and host), else None."""
         holder = _read_lock(self.lock_path)
         return holder if holder is not None and _alive(holder) else None
+
+    def drop_lock_of_other_host(self) -> bool:
+        """Remove ``RUN/.lock`` if another host holds it (whether it runs cannot be checked from here).
+
+        Only for a caller that knows no one else writes the run: a sweep holding its own lock,
+        retrying a cell whose node died. Returns whether a lock was dropped.
+        """
+        holder = _read_lock(self.lock_path)
+        if holder is None or holder.get("host") == socket.gethostname():
+            return False
+        print(f"note: taking over the lock of {self.path} from {holder['host']} (pid {holder['pid']})", file=sys.stderr)
+        self.lock_path.unlink(missing_ok=True)
+        return True
 
     def refuse_if_locked(self) -> None:
         """Raise :class:`RunFolderError` if another live process is writing this run."""

@@ -6,9 +6,8 @@ Not to be confused with :func:`analysis.ablations.layer_sweep`, which varies one
 (which layers it steers); a sweep here varies whole runs.
 """
 
-from sims_lens.sweep.backends import SweepError
 from sims_lens.sweep.driver import SweepResult, evaluate_groups, sweep
-from sims_lens.sweep.folder import CellStatus, SweepFolder
+from sims_lens.sweep.folder import CellStatus, SweepError, SweepFolder
 from sims_lens.sweep.grid import Cell, Grid, GridError, load_grid
 
 __all__ = [

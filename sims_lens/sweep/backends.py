@@ -2,15 +2,17 @@
 
 Each backend takes the jobs and yields each :class:`~sims_lens.sweep.cell.CellOutcome` as its cell
 finishes (in finishing order), calling ``started(name)`` when a cell is handed out. All of them run
-the same :func:`~sims_lens.sweep.cell.run_cell`, with the thread count each job carries.
+the same :func:`~sims_lens.sweep.cell.run_cell`, with the thread count each job carries. Closing
+the generator early (an error in the driver, Ctrl-C) stops the cells still running.
 
-- ``local`` with ``max_parallel = 1``: in this process; consecutive cells share the loaded model.
-  On a 2-core machine this is the fastest: two torch processes on two cores slow each other down.
-- ``local`` with ``max_parallel = N``: N worker processes (spawned), each loading the model once;
-  a worker dies with the sweep (Linux), or stops its cell at the next phase (elsewhere).
-- ``ray``: each cell a Ray task (``cpus``/``gpus`` per cell), on a local instance or the cluster at
-  ``address``; a task whose worker is lost is retried once. Cell folders must be on a file system
-  every node sees.
+- ``local``, one at a time: in this process; consecutive cells share the loaded model. On a
+  2-core machine this is the fastest: two torch processes on two cores slow each other down.
+- ``local`` with ``max_parallel = N``: each cell in its own spawned process, N at once, so a cell
+  that dies (the kernel's out-of-memory killer) takes no other cell with it. Each process loads the
+  model. A worker dies with the sweep (Linux), or stops its cell at its next phase (elsewhere).
+- ``ray``: each cell a Ray task (``cpus``/``gpus`` per cell) on a local instance or the cluster at
+  ``address``, as many at once as the cluster fits; a task whose worker is lost is retried once.
+  Cell folders must be on a file system every node sees.
 """
 
 from __future__ import annotations
@@ -19,57 +21,56 @@ import ctypes
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable, Generator, Sequence
 from multiprocessing import get_context
-from typing import Any
+from multiprocessing.connection import Connection, wait
+from typing import Any, cast
 
 from sims_lens.sweep.cell import CellJob, CellOutcome, error_line, run_cell
+from sims_lens.sweep.folder import SweepError
 
 BACKENDS = ("local", "ray")
 RAY_INSTALL = "pip install 'sims-lens[ray]' (or pip install ray)"
 
 Started = Callable[[str], None]
+Outcomes = Generator[CellOutcome, None, None]
 
 
-class SweepError(ValueError):
-    """A sweep cannot start as asked (a backend missing, an option out of range); the message says the fix."""
-
-
-def run_local(jobs: Sequence[CellJob], started: Started) -> Iterator[CellOutcome]:
+def run_local(jobs: Sequence[CellJob], started: Started) -> Outcomes:
     """Cells one after another in this process."""
     for job in jobs:
         started(job.name)
         yield run_cell(job)
 
 
-def run_processes(jobs: Sequence[CellJob], started: Started, max_parallel: int) -> Iterator[CellOutcome]:
-    """Cells in ``max_parallel`` spawned worker processes; at most that many at once.
-
-    A worker that dies (the kernel's out-of-memory killer, a segfault) breaks its pool: the cells
-    running there are recorded as lost (the next run retries them) and a new pool takes the rest.
-    """
+def run_processes(jobs: Sequence[CellJob], started: Started, max_parallel: int) -> Outcomes:
+    """Each cell in its own spawned process, at most ``max_parallel`` at once."""
     context = get_context("spawn")  # no forked torch state; the same start on every platform
-    parent = os.getpid()
     queue = list(jobs)
-    while queue:
-        with ProcessPoolExecutor(max_parallel, mp_context=context, initializer=_die_with_parent) as pool:
-            running: dict[Future[CellOutcome], CellJob] = {}
-            broken = False
-            while running or (queue and not broken):
-                while queue and not broken and len(running) < max_parallel:
-                    job = queue.pop(0)
-                    running[pool.submit(run_cell, job, parent)] = job
-                    started(job.name)
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    job = running.pop(future)
-                    try:
-                        yield future.result()
-                    except Exception as err:  # the worker died: its pool is broken
-                        broken = broken or isinstance(err, BrokenProcessPool)
-                        yield CellOutcome(job.name, "failed", 0, 0.0, job.threads, f"worker lost: {error_line(err)}")
+    running: dict[Connection, tuple[Any, CellJob]] = {}
+    try:
+        while queue or running:
+            while queue and len(running) < max_parallel:
+                job = queue.pop(0)
+                receiver, sender = context.Pipe(duplex=False)
+                process = context.Process(target=_worker, args=(job, os.getpid(), sender), daemon=True)
+                process.start()
+                sender.close()  # the child's end: EOF here once the child is gone
+                running[receiver] = (process, job)
+                started(job.name)
+            for ready in wait(list(running)):
+                receiver = cast(Connection, ready)
+                process, job = running.pop(receiver)
+                try:
+                    outcome: CellOutcome = receiver.recv()
+                except EOFError:  # the process died without an answer
+                    process.join()
+                    outcome = lost(job, f"worker lost: its process ended with exit code {process.exitcode}")
+                process.join()
+                yield outcome
+    finally:
+        for process, _ in running.values():
+            process.terminate()
 
 
 def run_ray(
@@ -80,26 +81,32 @@ def run_ray(
     max_parallel: int | None = None,
     cpus: float = 1,
     gpus: float = 0,
-) -> Iterator[CellOutcome]:
-    """Cells as Ray tasks; results are collected as they finish. Starts (and stops) a local instance
-    unless Ray is already initialised or ``address`` names a cluster (``auto``: the one this node joined)."""
+) -> Outcomes:
+    """Cells as Ray tasks, collected as they finish. Starts (and stops) a local instance unless Ray is
+    already initialised or ``address`` names a cluster (``auto``: the one this node joined)."""
     ray = import_ray()
     ours = not ray.is_initialized()
     if ours:  # workers import what the driver can: its working folder goes on their PYTHONPATH
         path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
-        ray.init(
-            address=address,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-            runtime_env={"env_vars": {"PYTHONPATH": path}},
-        )
+        try:
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+                runtime_env={"env_vars": {"PYTHONPATH": path}},
+            )
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise SweepError(
+                f"cannot start or reach Ray at --address {address or '(local)'}: {error_line(err)}"
+            ) from None
+    running: dict[Any, CellJob] = {}
     try:
+        limit = max_parallel or ray_capacity(ray, cpus, gpus)
         task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=1)(_ray_cell)
         queue = list(jobs)
-        running: dict[Any, CellJob] = {}
         while queue or running:
-            while queue and (max_parallel is None or len(running) < max_parallel):
+            while queue and len(running) < limit:
                 job = queue.pop(0)
                 running[task.remote(job)] = job
                 started(job.name)
@@ -109,10 +116,29 @@ def run_ray(
                 try:
                     yield ray.get(ref)
                 except ray.exceptions.RayError as err:  # lost twice, out of memory, cancelled
-                    yield CellOutcome(job.name, "failed", 0, 0.0, job.threads, f"Ray: {error_line(err)}")
+                    yield lost(job, f"Ray: {error_line(err)}")
     finally:
+        for ref in running:
+            ray.cancel(ref, force=True)
         if ours:
             ray.shutdown()
+
+
+def ray_capacity(ray: Any, cpus: float, gpus: float) -> int:
+    """How many cells the cluster runs at once; a cell the cluster can never fit raises SweepError."""
+    total = ray.cluster_resources()
+    fits = [total.get("CPU", 0) / cpus] + ([total.get("GPU", 0) / gpus] if gpus else [])
+    if min(fits) < 1:
+        raise SweepError(
+            f"a cell asks for {cpus:g} CPU(s) and {gpus:g} GPU(s) but the Ray cluster has {total.get('CPU', 0):g} "
+            f"CPU(s) and {total.get('GPU', 0):g} GPU(s); lower --cpus-per-cell / --gpus-per-cell or add nodes"
+        )
+    return int(min(fits))
+
+
+def lost(job: CellJob, error: str) -> CellOutcome:
+    """The outcome of a cell whose worker vanished (the driver reads its finished iterations)."""
+    return CellOutcome(job.name, "failed", 0, 0.0, job.threads, error)
 
 
 def import_ray() -> Any:
@@ -123,10 +149,21 @@ def import_ray() -> Any:
     return ray
 
 
+def _worker(job: CellJob, parent: int, sender: Connection) -> None:
+    """A worker process: one cell, its outcome sent back through the pipe."""
+    _die_with_parent()
+    sender.send(run_cell(job, parent))
+    sender.close()
+
+
 def _ray_cell(job: CellJob) -> CellOutcome:
-    """A Ray task: the cell, with the task's id recorded (the proof it ran as a task)."""
+    """A Ray task: the cell, with the task's id recorded (the proof it ran as a task). A retry on
+    another node finds the lost worker's lock; the sweep's own lock says no one else writes it."""
     import ray
 
+    from sims_lens.run_folder import RunFolder
+
+    RunFolder(job.folder).drop_lock_of_other_host()
     outcome = run_cell(job)
     outcome.task_id = ray.get_runtime_context().get_task_id()
     return outcome

@@ -70,7 +70,7 @@ def _run(job: CellJob, parent: int | None, start: float) -> CellOutcome:
     folder = RunFolder(job.folder)
 
     def outcome(status: str, err: BaseException | None = None, final: bool = False) -> CellOutcome:
-        done = folder.completed_iterations if folder.state_path.is_file() else 0
+        done = folder.completed_iterations
         line = None if err is None else error_line(err)
         log = None if err is None else "".join(traceback.format_exception(err))
         return CellOutcome(job.name, status, done, time.perf_counter() - start, job.threads, line, final, log)
@@ -90,7 +90,11 @@ def _run(job: CellJob, parent: int | None, start: float) -> CellOutcome:
         )
         for _ in sims.iterate():
             pass
-    except (ConfigError, NotSeparableError, PolicyRejectedError) as err:
+    except PolicyRejectedError as err:  # on_rejected = "stop": a result, not an accident
+        if folder.completed_iterations >= config.iterations:
+            return outcome("done")  # the last iteration was rejected: nothing was left to stop
+        return outcome("failed", err, final=True)
+    except (ConfigError, NotSeparableError) as err:
         return outcome("failed", err, final=True)
     except Exception as err:  # out of memory, a crash: recorded, retried by the next run
         if torch.cuda.is_available():

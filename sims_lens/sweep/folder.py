@@ -30,9 +30,12 @@ import pandas as pd
 from sims_lens.files import write_atomic
 from sims_lens.metrics import METRIC_COLUMNS
 from sims_lens.run_folder import RunFolder
-from sims_lens.sweep.grid import Cell, Grid, GridError
+from sims_lens.sweep.grid import Grid, GridError, load_grid
 
-STATUSES = ("pending", "running", "done", "failed")
+
+class SweepError(ValueError):
+    """A sweep cannot run as asked (an option out of range, a backend missing, a folder that is not a
+    sweep's); the message says the fix."""
 
 
 @dataclass
@@ -90,37 +93,35 @@ class SweepFolder:
         with RunFolder(self.path).lock():
             yield
 
-    def claim(self, grid: Grid, extend: bool = False) -> list[str]:
-        """Make this folder ``grid``'s; returns the names of cells new to it.
+    def claim(self, grid: Grid, extend: bool = False) -> None:
+        """Make this folder ``grid``'s.
 
         A folder of another grid is refused with one line naming the difference, unless ``extend``
-        and the new grid only adds cells (same base and factors, every old cell kept).
+        and the new grid only adds cells (same imports, base and factors; every old cell kept).
         """
-        names = [cell.name for cell in grid.cells()]
         if not self.grid_path.is_file():
-            if self.path.is_dir() and any(p.name != ".lock" for p in self.path.iterdir()):
-                raise GridError(
+            if self.path.is_dir() and any(not p.name.startswith(".") for p in self.path.iterdir()):
+                raise SweepError(
                     f"{self.path} holds files but no grid.toml: it is not a sweep folder; choose a new --out"
                 )
             self.path.mkdir(parents=True, exist_ok=True)
             write_atomic(self.grid_path, grid.to_toml())
-            return names
-        from sims_lens.sweep.grid import load_grid
-
+            return
         old = load_grid(self.grid_path)
         change = grid.change_from(old)
         if change is None:
-            return []
-        old_names = [cell.name for cell in old.cells()]
+            return
+        names, old_names = [c.name for c in grid.cells()], [c.name for c in old.cells()]
         dropped = [n for n in old_names if n not in names]
-        if not extend:
-            fix = "pass --extend to add its new cells" if not dropped and grid.base == old.base else "use a new --out"
+        same_frame = grid.imports == old.imports and grid.base == old.base and list(grid.factors) == list(old.factors)
+        adds = same_frame and not dropped and set(names) != set(old_names)
+        if not (extend and adds):
+            if extend:
+                why = f"it would drop {dropped[0]}" if dropped else change
+                raise GridError(f"--extend only adds cells to {self.path}, but {why}; use a new --out")
+            fix = "pass --extend to add its new cells" if adds else "use a new --out"
             raise GridError(f"{self.path} belongs to another grid: {change}; {fix} (or restore {self.grid_path})")
-        if grid.base != old.base or list(grid.factors) != list(old.factors) or dropped:
-            why = f"it would drop {dropped[0]}" if dropped else change
-            raise GridError(f"--extend only adds cells to {self.path}, but {why}; use a new --out")
         write_atomic(self.grid_path, grid.to_toml())
-        return [n for n in names if n not in old_names]
 
     def read_status(self) -> dict[str, CellStatus]:
         if not self.status_path.is_file():
@@ -129,7 +130,7 @@ class SweepFolder:
             data = json.loads(self.status_path.read_text())
             return {row["name"]: CellStatus(**row) for row in data["cells"]}
         except (ValueError, KeyError, TypeError) as err:
-            raise GridError(
+            raise SweepError(
                 f"{self.status_path} is unreadable ({err}); delete it and run the sweep again (cells are kept)"
             ) from None
 
@@ -141,19 +142,18 @@ class SweepFolder:
         self.log_path(name).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.log_path(name), text)
 
-    def completed(self, cell: Cell) -> int:
+    def completed(self, name: str) -> int:
         """The cell's finished iterations (0 when its run folder is missing or has not finished one)."""
-        folder = RunFolder(self.cell_dir(cell.name))
-        return folder.completed_iterations if folder.state_path.is_file() else 0
+        return RunFolder(self.cell_dir(name)).completed_iterations
 
     def collect_results(self, grid: Grid) -> pd.DataFrame:
         """Every cell's finished metric rows with the cell and its factor values in front; writes results.csv."""
         frames = []
         for cell in grid.cells():
             folder = RunFolder(self.cell_dir(cell.name))
-            if not folder.state_path.is_file():
-                continue
+            done = folder.completed_iterations  # first: a running cell may finish one while we read
             frame = folder.read_metrics()
+            frame = frame[frame["iteration"] <= done]
             if frame.empty:
                 continue
             front = {"cell": cell.name, **{k: _column_value(v) for k, v in cell.values.items()}}

@@ -34,10 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sims_lens.config import ContrastConfig, SimsConfig, config_from_dict, to_toml
+from sims_lens.config import ContrastConfig, SimsConfig, config_from_dict, to_toml, without_none
 
 SEED = "seed"
 """The factor whose cells :mod:`sims_lens.sweep` pools into intervals (and ``--eval`` into one evaluation)."""
+
+MAX_NAME_BYTES = 200
+"""The longest cell name (file systems allow 255 bytes per name; the log file adds a suffix)."""
 
 NESTED_TABLES = {"oracles": 3, "learners": 3, "contrast": 2}
 """Configuration tables whose keys a factor may name dotted, and how many parts such a key has."""
@@ -97,14 +100,14 @@ class Grid:
             raise GridError(f"imports = {self.imports!r}: give a list of module names, e.g. imports = ['my_oracles']")
         if not isinstance(self.base, Mapping):
             raise GridError(f"the base configuration must be a table of config.toml keys, got {self.base!r}")
-        self.base = _without_none(dict(self.base))
+        self.base = without_none(_plain(dict(self.base)))
         for key in _flatten(self.base):
             _check_key(key, "the base configuration")
         if not isinstance(self.factors, Mapping) or not self.factors:
             raise GridError(
                 "a grid needs a [factors] table: each varied key with its list of values, e.g. seed = [0, 1]"
             )
-        self.factors = {key: _factor_values(key, values) for key, values in _flatten(dict(self.factors)).items()}
+        self.factors = {k: _factor_values(k, values) for k, values in _flatten(_plain(dict(self.factors))).items()}
         overlap = sorted(set(self.factors) & set(_flatten(self.base)))
         if overlap:
             raise GridError(
@@ -112,11 +115,19 @@ class Grid:
             )
         if not isinstance(self.exclude, list):
             raise GridError("exclude must be a list of tables ([[exclude]] in TOML), each factor = value or [values]")
-        self.exclude = [self._exclusion(table) for table in self.exclude]
+        self.exclude = [self._exclusion(table) for table in _plain(self.exclude)]
         names = [cell.name for cell in self.cells()]
+        if not names:
+            raise GridError("the [[exclude]] tables leave no cell to run; exclude fewer combinations")
         twins = sorted({n for n in names if names.count(n) > 1})
         if twins:
             raise GridError(f"two cells would share the folder name {twins[0]!r}; give the factor values distinct text")
+        long = next((n for n in names if len(n.encode()) > MAX_NAME_BYTES), None)
+        if long:
+            raise GridError(
+                f"the cell name {long[:60]}... is over {MAX_NAME_BYTES} bytes, too long for a folder; "
+                "vary fewer keys per grid or give the values shorter text"
+            )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Grid:
@@ -236,8 +247,13 @@ def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _without_none(data: dict[str, Any]) -> dict[str, Any]:
-    return {k: _without_none(v) if isinstance(v, dict) else v for k, v in data.items() if v is not None}
+def _plain(value: Any) -> Any:
+    """Tuples as lists, all the way down: a grid given from Python equals the one its TOML reads back as."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _text(value: Any) -> str:
