@@ -7,6 +7,16 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set back at once, at import (before any thread)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()
+"""The process's file-creation mask, read once: files written here get the mode open() would give."""
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` (UTF-8) to a temporary file beside ``path``, then rename it over ``path``.
 
@@ -16,7 +26,8 @@ def write_atomic(path: Path, text: str) -> None:
     """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        os.chmod(tmp, 0o666 & ~UMASK)  # as open() would create it (mkstemp makes 0600)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
             handle.write(text)
         os.replace(tmp, path)
     except BaseException:

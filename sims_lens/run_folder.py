@@ -37,7 +37,7 @@ import os
 import socket
 import sys
 import tomllib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -409,11 +409,7 @@ class RunFolder:
             write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
         if self.metrics_path.is_file():
             with self.metrics_path.open() as fh:
-                rows = [
-                    r
-                    for r in csv.DictReader(fh)
-                    if (r["iteration"] or "").isdigit() and int(r["iteration"]) <= iteration
-                ]
+                rows = [r for r in csv.DictReader(fh) if _whole(r) and int(r["iteration"]) <= iteration]
             text = io.StringIO()
             writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS)
             writer.writeheader()
@@ -428,14 +424,11 @@ class RunFolder:
         holder = _read_lock(self.lock_path)
         return holder if holder is not None and _alive(holder) else None
 
-    def drop_lock_of_other_host(self) -> bool:
-        """Remove ``RUN/.lock`` if another host holds it (whether it runs cannot be checked from here).
-
-        Only for a caller that knows no one else writes the run: a sweep holding its own lock,
-        retrying a cell whose node died. Returns whether a lock was dropped.
-        """
+    def drop_lock_of_other_host(self, unless: Collection[str] = ()) -> bool:
+        """Remove ``RUN/.lock`` if another host holds it and that host is not in ``unless`` (the hosts
+        known to be up). For a sweep retrying a cell whose node died; returns whether it dropped one."""
         holder = _read_lock(self.lock_path)
-        if holder is None or holder.get("host") == socket.gethostname():
+        if holder is None or holder.get("host") == socket.gethostname() or holder.get("host") in unless:
             return False
         print(f"note: taking over the lock of {self.path} from {holder['host']} (pid {holder['pid']})", file=sys.stderr)
         self.lock_path.unlink(missing_ok=True)
@@ -546,7 +539,21 @@ def _alive(holder: dict[str, Any]) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return not _zombie(int(holder["pid"]))
+
+
+def _whole(row: dict[str | None, Any]) -> bool:
+    """A metrics row with every field and a numeric iteration (a line torn by a crash has fewer)."""
+    return None not in row and None not in row.values() and str(row["iteration"]).isdigit()
+
+
+def _zombie(pid: int) -> bool:
+    """A process that has exited but not been reaped (its pid still answers signals); Linux only."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[:1] == ["Z"]
 
 
 def _numbered(folder: Path, stem: str) -> list[int]:

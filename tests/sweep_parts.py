@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ class SweepLetterOracle(LetterOracle):
 
     def score(self, prompts, responses):
         if self.die:
-            os._exit(9)
+            os.kill(os.getpid(), signal.SIGKILL)
         if self.fail_if and Path(self.fail_if).exists():
             raise RuntimeError(f"simulated crash ({self.fail_if} exists)")
         time.sleep(self.delay)

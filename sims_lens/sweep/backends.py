@@ -9,7 +9,8 @@ the generator early (an error in the driver, Ctrl-C) stops the cells still runni
   2-core machine this is the fastest: two torch processes on two cores slow each other down.
 - ``local`` with ``max_parallel = N``: each cell in its own spawned process, N at once, so a cell
   that dies (the kernel's out-of-memory killer) takes no other cell with it. Each process loads the
-  model. A worker dies with the sweep (Linux), or stops its cell at its next phase (elsewhere).
+  model. A worker dies with the sweep (Linux), or stops its cell at its next phase (elsewhere);
+  a worker killed outright is reported with the signal.
 - ``ray``: each cell a Ray task (``cpus``/``gpus`` per cell) on a local instance or the cluster at
   ``address``, as many at once as the cluster fits; a task whose worker is lost is retried once.
   Cell folders must be on a file system every node sees.
@@ -22,6 +23,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Generator, Sequence
+from contextlib import suppress
 from multiprocessing import get_context
 from multiprocessing.connection import Connection, wait
 from typing import Any, cast
@@ -53,7 +55,7 @@ def run_processes(jobs: Sequence[CellJob], started: Started, max_parallel: int) 
             while queue and len(running) < max_parallel:
                 job = queue.pop(0)
                 receiver, sender = context.Pipe(duplex=False)
-                process = context.Process(target=_worker, args=(job, os.getpid(), sender), daemon=True)
+                process = context.Process(target=_worker, args=(job, os.getpid(), sender))
                 process.start()
                 sender.close()  # the child's end: EOF here once the child is gone
                 running[receiver] = (process, job)
@@ -64,13 +66,16 @@ def run_processes(jobs: Sequence[CellJob], started: Started, max_parallel: int) 
                 try:
                     outcome: CellOutcome = receiver.recv()
                 except EOFError:  # the process died without an answer
-                    process.join()
-                    outcome = lost(job, f"worker lost: its process ended with exit code {process.exitcode}")
-                process.join()
+                    outcome = lost(job, f"worker lost: its process {_ended(process)}")
+                receiver.close()
+                _reap(process)
                 yield outcome
-    finally:
+    finally:  # closed early (an error in the driver, Ctrl-C): stop the cells still running
         for process, _ in running.values():
             process.terminate()
+        for receiver, (process, _) in running.items():
+            _reap(process)
+            receiver.close()
 
 
 def run_ray(
@@ -102,7 +107,8 @@ def run_ray(
             ) from None
     running: dict[Any, CellJob] = {}
     try:
-        limit = max_parallel or ray_capacity(ray, cpus, gpus)
+        capacity = ray_capacity(ray, cpus, gpus)  # also refuses a cell the cluster can never fit
+        limit = max_parallel or capacity
         task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=1)(_ray_cell)
         queue = list(jobs)
         while queue or running:
@@ -119,7 +125,8 @@ def run_ray(
                     yield lost(job, f"Ray: {error_line(err)}")
     finally:
         for ref in running:
-            ray.cancel(ref, force=True)
+            with suppress(Exception):  # the connection may be what failed; shutdown still runs
+                ray.cancel(ref, force=True)
         if ours:
             ray.shutdown()
 
@@ -152,18 +159,37 @@ def import_ray() -> Any:
 def _worker(job: CellJob, parent: int, sender: Connection) -> None:
     """A worker process: one cell, its outcome sent back through the pipe."""
     _die_with_parent()
+    if os.getppid() != parent:  # the sweep died before the signal was armed
+        os._exit(1)
     sender.send(run_cell(job, parent))
     sender.close()
 
 
+def _reap(process: Any, timeout: float = 30) -> None:
+    """Wait for a worker to exit (a lingering thread can keep it alive: then it is killed)."""
+    process.join(timeout)
+    if process.is_alive():
+        process.kill()
+        process.join()
+
+
+def _ended(process: Any) -> str:
+    process.join()
+    code = process.exitcode
+    if code is not None and code < 0:
+        return f"was killed by {signal.Signals(-code).name} (out of memory?)"
+    return f"ended with exit code {code}"
+
+
 def _ray_cell(job: CellJob) -> CellOutcome:
     """A Ray task: the cell, with the task's id recorded (the proof it ran as a task). A retry on
-    another node finds the lost worker's lock; the sweep's own lock says no one else writes it."""
+    another node finds the lost worker's lock: it is dropped when that node is no longer alive."""
     import ray
 
     from sims_lens.run_folder import RunFolder
 
-    RunFolder(job.folder).drop_lock_of_other_host()
+    alive = {node["NodeManagerHostname"] for node in ray.nodes() if node.get("Alive")}
+    RunFolder(job.folder).drop_lock_of_other_host(unless=alive)
     outcome = run_cell(job)
     outcome.task_id = ray.get_runtime_context().get_task_id()
     return outcome
@@ -172,5 +198,5 @@ def _ray_cell(job: CellJob) -> CellOutcome:
 def _die_with_parent() -> None:
     """In a worker process: be killed when the sweep process dies (Linux), so no orphan holds a cell."""
     if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from sims_lens.config import SimsConfig
 from sims_lens.sweep.backends import BACKENDS, import_ray, run_local, run_processes, run_ray
@@ -67,8 +68,9 @@ def sweep(
         max_parallel: cells at once: local worker processes (default 1: in this process, the model
             loaded once), or Ray tasks in flight (default: as many as the cluster fits).
         cpus_per_cell, gpus_per_cell: Ray resources per cell (default 1 CPU, no GPU).
-        threads: torch threads per cell, set before each cell in every backend. Default: the usable
-            cores / ``max_parallel`` locally, the cell's CPUs on Ray. The same value gives the same
+        threads: torch threads per cell, set before each cell in every backend. Default: this
+            process's torch threads in-process, the usable cores / ``max_parallel`` in worker
+            processes, the cell's CPUs on Ray. The same value gives the same
             numbers in every backend; different values may differ in the last bits.
         extend: allow a grid that only adds cells to an existing sweep folder.
         retry_failed: run cells whose failure was final (a bad value, the guard rail's stop) again.
@@ -207,6 +209,8 @@ def _current_statuses(folder: SweepFolder, grid: Grid, retry_failed: bool) -> di
 def _default_threads(backend: str, max_parallel: int, cpus_per_cell: float | None) -> int:
     if backend == "ray":
         return max(1, int(cpus_per_cell or 1))
+    if max_parallel == 1:
+        return torch.get_num_threads()  # what this process uses (OMP_NUM_THREADS, set_num_threads)
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, usable // max_parallel)
 
@@ -217,10 +221,14 @@ class _Progress:
     def __init__(self, folder: SweepFolder, grid: Grid, statuses: dict[str, CellStatus], backend: str, say: Report):
         self.folder, self.grid, self.statuses, self.backend, self.say = folder, grid, statuses, backend, say
         self.walls: list[float] = []
+        self.running_peak = 1
+        """The most cells in flight so far: what the backend runs at once, for the ETA."""
 
     def started(self, name: str) -> None:
         status = self.statuses[name]
-        status.status, status.backend = "running", self.backend
+        status.status, status.backend, status.error, status.final = "running", self.backend, None, False
+        self.folder.log_path(name).unlink(missing_ok=True)  # a log names this attempt's failure only
+        self.running_peak = max(self.running_peak, sum(st.status == "running" for st in self.statuses.values()))
         self.folder.write_status(self.grid, self.statuses)
 
     def finished(self, outcome: CellOutcome) -> None:
@@ -239,8 +247,7 @@ class _Progress:
     def line(self, status: CellStatus) -> str:
         counts = {s: sum(st.status == s for st in self.statuses.values()) for s in ("done", "running", "failed")}
         left = sum(st.status in ("pending", "running") for st in self.statuses.values())
-        at_once = max(1, counts["running"])  # what the backend keeps in flight
-        eta = sum(self.walls) / len(self.walls) * left / at_once if self.walls else 0.0
+        eta = sum(self.walls) / len(self.walls) * left / self.running_peak if self.walls else 0.0
         what = f"{status.status:<6} {status.name}  {status.iterations}/{status.of} iterations  {status.wall_s:.0f} s"
         if status.error:
             what += f"  ({status.error})"

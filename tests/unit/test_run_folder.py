@@ -138,3 +138,43 @@ def test_groups_split_and_rejoin():
         chunked([1, 2, 3], 4)
     with pytest.raises(ValueError, match="sizes"):
         regroup([1, 2], [["a"]])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_lock_of_an_exited_but_unreaped_process_counts_as_stale(tmp_path: Path):
+    import time
+
+    folder = RunFolder(tmp_path / "run")
+    child = subprocess.Popen(["true"])  # exits at once; not waited for, so it stays a zombie
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        _write_lock(folder, child.pid)
+        assert folder.live_holder() is None  # os.kill(pid, 0) still succeeds on a zombie
+    finally:
+        child.wait()
+
+
+def test_a_lock_of_another_host_is_dropped_only_when_that_host_is_not_known_alive(tmp_path: Path, capsys):
+    folder = RunFolder(tmp_path / "run")
+    folder.path.mkdir()
+    folder.lock_path.write_text(json.dumps({"pid": 12, "host": "node-7"}))
+    assert not folder.drop_lock_of_other_host(unless={"node-7"}) and folder.lock_path.exists()
+    assert folder.drop_lock_of_other_host(unless={"node-8"}) and not folder.lock_path.exists()
+    assert "taking over the lock" in capsys.readouterr().err
+    _write_lock(folder, os.getpid())  # this host: the pid decides, never this method
+    assert not folder.drop_lock_of_other_host() and folder.lock_path.exists()
+
+
+def test_truncation_drops_a_torn_metrics_line_and_keeps_the_file_mode(tmp_path: Path):
+    folder = RunFolder(tmp_path / "run")
+    folder.path.mkdir()
+    whole = "iteration,split,metric,layer,value\r\n0,heldout,reward_mean,,0.5\r\n1,heldout,reward_mean,,0.6\r\n"
+    folder.metrics_path.write_text(whole + "1", newline="")  # a kill tore "12,heldout,..." after its first digit
+    folder.truncate_after(11)
+    assert folder.metrics_path.read_bytes() == whole.encode()
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert folder.metrics_path.stat().st_mode & 0o777 == 0o666 & ~mask
