@@ -32,6 +32,8 @@ if [[ $DEV == 1 ]]; then
   "${PIP[@]}" -e ".[dev]"
   # Declares transformers<5 but runs with 5.23 (checked by tests/integration/test_equivalence.py).
   "${PIP[@]}" --no-deps "steering-vectors==0.12.2"
+  # repeng reads our GGUF control vectors in tests/unit/test_interop.py; its own pins conflict.
+  "${PIP[@]}" --no-deps "repeng==0.4.0"
   scripts/install_browser.sh --optional # tests/unit/test_pages_in_browser.py
 else
   "${PIP[@]}" -e .

@@ -94,11 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_more(sub: Any) -> None:
     """Subcommands that live in other modules register here (keeps this file a wiring table)."""
+    from sims_lens.cli_export import register as register_export
     from sims_lens.cli_run import register as register_run
     from sims_lens.cli_sweep import register as register_sweep
 
     register_run(sub)
     register_sweep(sub)
+    register_export(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -250,6 +252,49 @@ class SteeringSet:
             for hook in self.functions
             if hook in other.functions
         }
+
+    # -- other tools' formats (docs/interop.md) --------------------------------------------------
+    def to_gguf(self, path: str | os.PathLike[str], model: Any) -> Path:
+        """Write a llama.cpp control vector (:mod:`sims_lens.steering.gguf_vectors`); ``model``: the one it steers."""
+        from sims_lens.steering.gguf_vectors import write_control_vector
+        from sims_lens.steering.peer_formats import hf_module
+
+        return write_control_vector(self, path, str(hf_module(model).config.model_type))
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike[str], model: Any) -> SteeringSet:
+        """A llama.cpp control vector (repeng's, cvector-generator's, ours) as ``add`` edits at ``hook_resid_post``."""
+        from sims_lens.steering.gguf_vectors import read_control_vector
+
+        vectors, hint = read_control_vector(path, int(model.cfg.d_model), int(model.cfg.n_layers))
+        return cls._added(vectors, learner="gguf", source=Path(path).name, hint=hint)
+
+    def to_lm_eval(self, path: str | os.PathLike[str], model: Any) -> Path:
+        """Write the ``.pt`` file lm-evaluation-harness's ``steered`` model reads (``peer_formats``)."""
+        from sims_lens.steering.peer_formats import to_lm_eval
+
+        return to_lm_eval(self, path, model)
+
+    def to_steering_vector(self, model: Any) -> Any:
+        """This set as a steering-vectors ``SteeringVector`` for ``model``'s Hugging Face module."""
+        from sims_lens.steering.peer_formats import to_steering_vector
+
+        return to_steering_vector(self, model)
+
+    @classmethod
+    def from_steering_vector(cls, vector: Any, model: Any) -> SteeringSet:
+        """A steering-vectors ``SteeringVector`` as ``add`` edits (its layer numbers checked against ``model``)."""
+        from sims_lens.steering.peer_formats import from_steering_vector
+
+        return cls._added(from_steering_vector(vector, model), learner="steering_vectors", source="SteeringVector")
+
+    @classmethod
+    def _added(cls, vectors: dict[str, Tensor], learner: str, source: str, hint: str = "") -> SteeringSet:
+        extra: dict[str, float | int | str] = {"source": source, **({"model_hint": hint} if hint else {})}
+        functions = [
+            SteeringFunction("add", hook, {"vector": v}, learner=learner, extra=extra) for hook, v in vectors.items()
+        ]
+        return cls.from_functions(functions, positions="all")
 
     def norms(self) -> dict[str, float]:
         return {hook: float(self.direction(hook).norm()) for hook in self.functions}
