@@ -27,14 +27,14 @@ def export_command(args: argparse.Namespace) -> int:
         if iteration not in done:
             raise ValueError(f"--iteration {iteration}: {source} has policies for iterations {done}")
         config = folder.read_config()
-        model, _ = load_model(args.model or config.model, dtype="float32", device="cpu")
+        model, _ = load_model(args.model or config.model, dtype="float32", device=args.device)
         steering: Any = folder.load_steering(iteration, "policy", model)
         what = f"{source} iteration {iteration}"
     elif source.suffix == ".safetensors":
         if args.iteration is not None:
             raise ValueError("--iteration applies to a run folder; a steering file holds one policy")
         model, _ = load_model(
-            args.model or read_metadata(source).get("model_name") or None, dtype="float32", device="cpu"
+            args.model or read_metadata(source).get("model_name") or None, dtype="float32", device=args.device
         )
         steering, what = load_steering(source, model), str(source)
     else:
@@ -49,6 +49,7 @@ def import_command(args: argparse.Namespace) -> int:
     """A llama.cpp control vector (repeng, cvector-generator, ...) as a sims-lens steering file."""
     from sims_lens.models import load_model
     from sims_lens.steering.functions import SteeringSet
+    from sims_lens.steering.gguf_vectors import check_control_vector_file
     from sims_lens.steering.io import save_steering
 
     source, out = Path(args.source), Path(args.out)
@@ -56,9 +57,8 @@ def import_command(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out}: name a .safetensors file (a .json copy of its metadata is written beside it)")
     if out.exists():
         raise ValueError(f"--out {out} already exists; choose a new file name (nothing is overwritten)")
-    if not source.is_file():
-        raise FileNotFoundError(f"{source} does not exist; pass a .gguf control vector")
-    model, _ = load_model(args.model, dtype="float32", device="cpu")
+    check_control_vector_file(source)  # a bad file fails before the model loads
+    model, _ = load_model(args.model, dtype="float32", device=args.device)
     steering = SteeringSet.from_gguf(source, model)
     save_steering(steering, out, model)
     norms = ", ".join(f"{hook} {norm:.2f}" for hook, norm in steering.norms().items())
@@ -77,10 +77,12 @@ def register(sub: Any) -> None:
     )
     export.add_argument("--out", required=True, help="the file to write (.gguf, or .pt for lm-eval)")
     export.add_argument("--model", default=None, help="the model the policy steers (default: the run's, or the file's)")
+    export.add_argument("--device", default="cpu", help="where the model loads to read its shape (cpu, cuda, ...)")
     export.set_defaults(func=export_command)
 
     imp = sub.add_parser("import", help="a llama.cpp control vector (.gguf) as a sims-lens steering file")
     imp.add_argument("source", metavar="FILE.gguf")
     imp.add_argument("--out", required=True, help="the steering file to write (.safetensors)")
     imp.add_argument("--model", default=None, help="the model it steers (default: the embedded model)")
+    imp.add_argument("--device", default="cpu", help="where the model loads to check the vectors (cpu, cuda, ...)")
     imp.set_defaults(func=import_command)

@@ -257,16 +257,21 @@ class SteeringSet:
     def to_gguf(self, path: str | os.PathLike[str], model: Any) -> Path:
         """Write a llama.cpp control vector (:mod:`sims_lens.steering.gguf_vectors`); ``model``: the one it steers."""
         from sims_lens.steering.gguf_vectors import write_control_vector
-        from sims_lens.steering.peer_formats import hf_module
+        from sims_lens.steering.peer_formats import model_type
 
-        return write_control_vector(self, path, str(hf_module(model).config.model_type))
+        return write_control_vector(self, path, model_type(model))
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike[str], model: Any) -> SteeringSet:
         """A llama.cpp control vector (repeng's, cvector-generator's, ours) as ``add`` edits at ``hook_resid_post``."""
+        import warnings
+
         from sims_lens.steering.gguf_vectors import read_control_vector
+        from sims_lens.steering.peer_formats import model_type
 
         vectors, hint = read_control_vector(path, int(model.cfg.d_model), int(model.cfg.n_layers))
+        if hint and model_type(model) and hint != model_type(model):
+            warnings.warn(f"{path} was made for a {hint!r} model; this model is {model_type(model)!r}", stacklevel=2)
         return cls._added(vectors, learner="gguf", source=Path(path).name, hint=hint)
 
     def to_lm_eval(self, path: str | os.PathLike[str], model: Any) -> Path:
@@ -292,7 +297,8 @@ class SteeringSet:
     def _added(cls, vectors: dict[str, Tensor], learner: str, source: str, hint: str = "") -> SteeringSet:
         extra: dict[str, float | int | str] = {"source": source, **({"model_hint": hint} if hint else {})}
         functions = [
-            SteeringFunction("add", hook, {"vector": v}, learner=learner, extra=extra) for hook, v in vectors.items()
+            SteeringFunction("add", hook, {"vector": v}, learner=learner, extra=dict(extra))
+            for hook, v in vectors.items()
         ]
         return cls.from_functions(functions, positions="all")
 

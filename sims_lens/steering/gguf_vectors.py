@@ -35,7 +35,10 @@ class FormatError(ValueError):
 
 
 def additive_vectors(steering: SteeringSet, target: str) -> dict[str, Float[Tensor, " d_model"]]:
-    """Each hook's summed added vector (multipliers folded in), refusing what plain addition cannot express."""
+    """Each hook's summed added vector (multipliers folded in; float32 on the CPU), refusing what plain
+    addition cannot express."""
+    if not len(steering):
+        raise FormatError(f"this steering set is empty: there is nothing to write as {target}")
     if steering.positions != "all":
         raise FormatError(
             f"{target} adds its vectors at every token position, but this policy edits {steering.positions!r} "
@@ -47,7 +50,7 @@ def additive_vectors(steering: SteeringSet, target: str) -> dict[str, Float[Tens
             f"{target} holds added vectors only, but this policy has {other[0]!r} edits (ablate_add projects "
             "a direction out, hpr rotates); export a policy of an additive learner (mean_diff, pca, probe)"
         )
-    return {hook: steering.direction(hook) for hook in steering.hooks}
+    return {hook: steering.direction(hook).detach().float().cpu() for hook in steering.hooks}
 
 
 def control_vector_layers(steering: SteeringSet) -> dict[int, Float[Tensor, " d_model"]]:
@@ -61,6 +64,8 @@ def control_vector_layers(steering: SteeringSet) -> dict[int, Float[Tensor, " d_
                 "export policies steering hook_resid_post (or hook_resid_pre)"
             )
         index = layer if point == "hook_resid_post" else layer - 1
+        if index < 0:
+            raise FormatError(f"{hook} is the embeddings' output, which llama.cpp cannot steer; steer a later layer")
         if index < 1:
             raise FormatError(
                 f"{hook} is the output of block 0, which llama.cpp cannot steer (its loader refuses direction.0); "
@@ -100,18 +105,11 @@ def read_control_vector(path: str | os.PathLike[str], d_model: int, n_layers: in
     import gguf
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"control vector {path} does not exist")
-    with path.open("rb") as handle:
-        if handle.read(4) != MAGIC:
-            raise FormatError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+    check_control_vector_file(path)
     try:
         reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError) as err:
-        raise FormatError(f"{path} is not a readable GGUF file ({err})") from None
-    architecture = _string(reader, "general.architecture")
-    if architecture != ARCHITECTURE:
-        raise FormatError(f"{path} is a GGUF file of architecture {architecture!r}, not a control vector")
+    except Exception as err:  # the reader raises what it meets: IndexError, KeyError, ValueError
+        raise FormatError(f"{path} is not a readable GGUF file ({type(err).__name__}: {err})") from None
     hint = _string(reader, f"{ARCHITECTURE}.model_hint") or ""
     vectors: dict[str, Tensor] = {}
     for tensor in reader.tensors:
@@ -121,6 +119,8 @@ def read_control_vector(path: str | os.PathLike[str], d_model: int, n_layers: in
             raise FormatError(f"{path}: tensor {name!r} is not a direction.K tensor")
         if tensor.tensor_type != gguf.GGMLQuantizationType.F32:
             raise FormatError(f"{path}: {name} is {tensor.tensor_type.name}, but control vectors are float32")
+        if len(tensor.shape) != 1:
+            raise FormatError(f"{path}: {name} has shape {list(tensor.shape)}, but a direction is 1-D (llama.cpp)")
         data = np.asarray(tensor.data, dtype=np.float32).reshape(-1)
         if data.shape[0] != d_model:
             raise FormatError(f"{path}: {name} has {data.shape[0]} values, but this model has d_model = {d_model}")
@@ -135,6 +135,61 @@ def read_control_vector(path: str | os.PathLike[str], d_model: int, n_layers: in
     if count is not None and count != len(vectors):
         raise FormatError(f"{path} says layer_count = {count} but holds {len(vectors)} direction tensors")
     return dict(sorted(vectors.items(), key=lambda item: layer_of(item[0]) or 0)), hint
+
+
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+"""GGUF value type -> size (uint8, int8, uint16, int16, uint32, int32, float32, bool, uint64, int64, float64)."""
+_STRING, _ARRAY = 8, 9
+
+
+def check_control_vector_file(path: str | os.PathLike[str]) -> None:
+    """Read a GGUF header and key-value section by hand, every length checked against the file size,
+    before a full parse: a truncated or hostile file (a header claiming 2^40 entries) fails at once
+    with a line, and a model's GGUF is refused without reading its tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"control vector {path} does not exist")
+    data = path.read_bytes()[: 1 << 20]  # the metadata of a control vector is tiny
+    size = path.stat().st_size
+    if data[:4] != MAGIC:
+        raise FormatError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+    at = 4
+
+    def take(n: int) -> bytes:
+        nonlocal at
+        if n < 0 or at + n > min(len(data), size):
+            raise FormatError(f"{path} is cut short or corrupt (its header runs past the end of the file)")
+        chunk, at = data[at : at + n], at + n
+        return chunk
+
+    def number(n: int) -> int:
+        return int.from_bytes(take(n), "little")
+
+    version, tensors, entries = number(4), number(8), number(8)
+    if version not in (2, 3) or tensors > size or entries > size:
+        raise FormatError(
+            f"{path} has an impossible GGUF header (version {version}, {tensors} tensors, {entries} keys)"
+        )
+    architecture = None
+    for _ in range(entries):
+        key = take(number(8)).decode("utf-8", errors="replace")
+        kind = number(4)
+        if kind == _STRING:
+            value = take(number(8)).decode("utf-8", errors="replace")
+            architecture = value if key == "general.architecture" else architecture
+            if architecture not in (None, ARCHITECTURE):
+                raise FormatError(f"{path} is a GGUF file of architecture {architecture!r}, not a control vector")
+        elif kind in _SCALAR_BYTES:
+            take(_SCALAR_BYTES[kind])
+        elif kind == _ARRAY:
+            item, count = number(4), number(8)
+            if item not in _SCALAR_BYTES:
+                raise FormatError(f"{path}: key {key!r} is an array of a kind control vectors never hold")
+            take(count * _SCALAR_BYTES[item])
+        else:
+            raise FormatError(f"{path}: key {key!r} has an unknown GGUF value type {kind}")
+    if architecture is None:
+        raise FormatError(f"{path} has no general.architecture key, so it is not a control vector")
 
 
 def _field(reader: Any, key: str) -> Any:

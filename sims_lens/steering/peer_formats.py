@@ -35,14 +35,23 @@ if TYPE_CHECKING:
 
 ATTENTION_NAMES = ("self_attn", "attn", "self_attention", "attention")
 MLP_NAMES = ("mlp", "feed_forward")
-LAYER_TYPES = {"hook_resid_post": "decoder_block", "hook_resid_pre": "decoder_block", "hook_attn_out": "self_attn"}
-LAYER_TYPES["hook_mlp_out"] = "mlp"
+LAYER_TYPES = {
+    "hook_resid_post": "decoder_block",
+    "hook_resid_pre": "decoder_block",
+    "hook_attn_out": "self_attn",
+    "hook_mlp_out": "mlp",
+}
 HOOK_OF_LAYER_TYPE = {"decoder_block": "hook_resid_post", "self_attn": "hook_attn_out", "mlp": "hook_mlp_out"}
 
 
 def hf_module(model: Any) -> Any:
     """The Hugging Face model a TransformerBridge wraps (or the model itself)."""
     return getattr(model, "original_model", model)
+
+
+def model_type(model: Any) -> str:
+    """The Hugging Face ``model_type`` (``llama``, ``qwen2``, ...), or "" for a model without a config."""
+    return str(getattr(getattr(hf_module(model), "config", None), "model_type", "") or "")
 
 
 def module_target(hook: str) -> tuple[int, str]:
@@ -67,15 +76,15 @@ def to_lm_eval(steering: SteeringSet, path: str | os.PathLike[str], model: Any) 
     path = Path(path)
     if path.suffix not in (".pt", ".pth"):
         raise FormatError(f"lm-eval's steered model reads .pt or .pth files, got {path.name!r}")
-    names = _module_names(hf_module(model))
+    names = _module_names(model)
     config: dict[str, dict[str, Any]] = {}
     for hook, vector in additive_vectors(steering, "lm-eval's steered model").items():
         name = names[module_target(hook)]
         if name in config:  # resid_post k and resid_pre k+1 are one module's output: lm-eval keys by module
-            config[name]["steering_vector"] = config[name]["steering_vector"] + vector.detach().float().cpu()
+            config[name]["steering_vector"] = config[name]["steering_vector"] + vector
             continue
         config[name] = {
-            "steering_vector": vector.detach().float().cpu().clone(),
+            "steering_vector": vector,
             "steering_coefficient": 1.0,
             "action": "add",
             "bias": None,
@@ -90,7 +99,7 @@ def to_steering_vector(steering: SteeringSet, model: Any) -> Any:
     """A steering-vectors ``SteeringVector`` (one layer type per vector, so one kind of hook point per set)."""
     from steering_vectors import SteeringVector
 
-    decoder = _decoder_layers(hf_module(model))
+    decoder = _decoder_layers(model)
     layers: dict[int, Tensor] = {}
     kinds = set()
     for hook, vector in additive_vectors(steering, "a steering-vectors SteeringVector").items():
@@ -98,7 +107,7 @@ def to_steering_vector(steering: SteeringSet, model: Any) -> Any:
         if layer >= len(decoder):
             raise FormatError(f"{hook}: the Hugging Face model has {len(decoder)} decoder layers, not {layer + 1}")
         kinds.add(kind)
-        layers[layer] = layers[layer] + vector if layer in layers else vector.detach().float().cpu().clone()
+        layers[layer] = layers[layer] + vector if layer in layers else vector
     if len(kinds) > 1:
         raise FormatError(
             f"a SteeringVector has one layer type, but this policy steers {sorted(kinds)}; "
@@ -114,26 +123,32 @@ def from_steering_vector(vector: Any, model: Any) -> dict[str, Tensor]:
         raise FormatError(
             f"SteeringVector layer_type {kind!r} has no sims-lens hook; use one of {list(HOOK_OF_LAYER_TYPE)}"
         )
-    n_layers = len(_decoder_layers(hf_module(model)))
+    n_layers, d_model = len(_decoder_layers(model)), int(model.cfg.d_model)
     out = {}
     for layer, activation in sorted(vector.layer_activations.items()):
         if not 0 <= int(layer) < n_layers:
             raise FormatError(f"SteeringVector layer {layer} is outside this model's {n_layers} decoder layers")
-        out[f"blocks.{int(layer)}.{HOOK_OF_LAYER_TYPE[kind]}"] = activation.detach().float().cpu().reshape(-1)
+        if activation.dim() != 1 or activation.numel() != d_model:
+            raise FormatError(
+                f"SteeringVector layer {layer} has shape {list(activation.shape)}; this model needs [{d_model}]"
+            )
+        out[f"blocks.{int(layer)}.{HOOK_OF_LAYER_TYPE[kind]}"] = activation.detach().float().cpu()
     return out
 
 
-def _decoder_layers(hf: Any) -> Any:
-    """The ModuleList of decoder blocks (the longest ModuleList of the base model)."""
-    lists = [m for _, m in hf.base_model.named_modules() if isinstance(m, torch.nn.ModuleList)]
+def _decoder_layers(model: Any) -> Any:
+    """The ModuleList of the decoder blocks: the first in the base model with as many blocks as the model has
+    layers (a vision tower's list, in a multimodal model, has another length or comes later)."""
+    hf, n_layers = hf_module(model), int(model.cfg.n_layers)
+    lists = [m for _, m in hf.base_model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers]
     if not lists:
-        raise FormatError(f"cannot find the decoder blocks of {type(hf).__name__}: no ModuleList in its base model")
-    return max(lists, key=len)
+        raise FormatError(f"cannot find the {n_layers} decoder blocks of {type(hf).__name__} in its base model")
+    return lists[0]
 
 
-def _module_names(hf: Any) -> dict[tuple[int, str], str]:
+def _module_names(model: Any) -> dict[tuple[int, str], str]:
     """(layer, kind) -> the module name lm-eval resolves, among ``base_model.named_modules()``."""
-    decoder = _decoder_layers(hf)
+    hf, decoder = hf_module(model), _decoder_layers(model)
     prefix = next(name for name, m in hf.base_model.named_modules() if m is decoder)
     names = {}
     for index, block in enumerate(decoder):

@@ -167,6 +167,67 @@ def test_bad_control_vector_files_get_one_line_naming_the_file(tiny4, tmp_path, 
     assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
+def test_truncated_or_hostile_files_fail_with_one_line_and_never_hang(tiny4, tmp_path):
+    model, _ = tiny4
+    whole = vectors(tiny4, ["blocks.1.hook_resid_post"]).to_gguf(tmp_path / "v.gguf", model).read_bytes()
+    cut = tmp_path / "cut.gguf"
+    for length in range(4, len(whole), 7):  # every part of the header and the tensor data
+        cut.write_bytes(whole[:length])
+        with pytest.raises(FormatError, match=str(cut)):
+            SteeringSet.from_gguf(cut, model)
+    hostile = tmp_path / "hostile.gguf"  # one key: an array claiming 2^40 uint8 values, then the end
+    key = b"x"
+    header = b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + (1).to_bytes(8, "little")
+    entry = len(key).to_bytes(8, "little") + key + (9).to_bytes(4, "little") + (0).to_bytes(4, "little")
+    hostile.write_bytes(header + entry + (1 << 40).to_bytes(8, "little"))
+    with pytest.raises(FormatError, match="cut short or corrupt"):
+        SteeringSet.from_gguf(hostile, model)
+    nameless = tmp_path / "nameless.gguf"
+    nameless.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") * 2)
+    with pytest.raises(FormatError, match=r"has no general\.architecture key"):
+        SteeringSet.from_gguf(nameless, model)
+
+
+def test_a_vector_made_for_another_architecture_comes_with_a_warning(tiny4, tmp_path):
+    model, _ = tiny4
+    import gguf
+
+    path = tmp_path / "qwen.gguf"
+    writer = gguf.GGUFWriter(str(path), "controlvector")
+    writer.add_string("controlvector.model_hint", "qwen2")
+    writer.add_uint32("controlvector.layer_count", 1)
+    writer.add_tensor("direction.1", np.ones(D, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.warns(UserWarning, match="made for a 'qwen2' model; this model is 'llama'"):
+        SteeringSet.from_gguf(path, model)
+
+
+def test_an_empty_set_is_refused(tiny4, tmp_path):
+    model, _ = tiny4
+    with pytest.raises(FormatError, match="this steering set is empty"):
+        SteeringSet().to_gguf(tmp_path / "v.gguf", model)
+
+
+def test_repeng_steers_the_hugging_face_model_as_the_exported_layers_say(tiny4, plain_hf, tmp_path, ids, monkeypatch):
+    """An independent check of the layer numbering: repeng's ControlModel adds ``direction.k`` to the output of
+    ``layers[k]``, as llama.cpp does; the same vectors at our ``blocks.k.hook_resid_post`` give the same logits."""
+    monkeypatch.setattr(np, "float_", np.float64, raising=False)
+    repeng = pytest.importorskip("repeng", reason="pip install --no-deps repeng==0.4.0")
+    model, _ = tiny4
+    steering = vectors(tiny4, ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"])
+    vector = repeng.ControlVector.import_gguf(str(steering.to_gguf(tmp_path / "v.gguf", model)))
+    controlled = repeng.ControlModel(plain_hf, layer_ids=sorted(vector.directions))
+    try:
+        controlled.set_control(vector, coeff=1.0)
+        theirs = controlled(input_ids=ids).logits
+    finally:
+        controlled.unwrap()
+    assert torch.allclose(theirs, bridge_logits(model, ids, steering), atol=1e-4)
+
+
 # -- steering-vectors ------------------------------------------------------------------------------
 
 
@@ -188,8 +249,12 @@ def test_steering_vectors_patches_the_hugging_face_model_as_our_hooks_do(tiny4, 
         assert all(torch.allclose(back.direction(h), steering.direction(h)) for h in hooks)
 
 
-def test_a_steering_vector_holds_one_kind_of_hook_point(tiny4):
+def test_a_steering_vector_holds_one_kind_of_hook_point_of_the_models_width(tiny4):
+    SteeringVector = pytest.importorskip("steering_vectors").SteeringVector
+
     model, _ = tiny4
+    with pytest.raises(FormatError, match=r"layer 1 has shape \[1, 64\]; this model needs \[64\]"):
+        SteeringSet.from_steering_vector(SteeringVector({1: torch.ones(1, D)}), model)
     with pytest.raises(FormatError, match="one layer type, but this policy steers"):
         vectors(tiny4, ["blocks.1.hook_resid_post", "blocks.1.hook_mlp_out"]).to_steering_vector(model)
 
@@ -248,3 +313,32 @@ def test_cli_export_then_import_gives_the_same_steering_file(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["import", str(tmp_path / "policy.safetensors"), *args, str(tmp_path / "x.safetensors")]) == 2
     assert "is not a GGUF file" in capsys.readouterr().err
+
+
+def test_cli_exports_a_run_folders_policy_by_iteration(tmp_path, capsys):
+    from sims_lens.loop import Sims
+    from sims_lens.tiny import tiny_hf_model
+    from tests.helpers import HELDOUT, TRAIN, LetterOracle
+
+    folder = tmp_path / "tiny"
+    hf, tok = tiny_hf_model(n_layers=4, d_model=D, seed=1)
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    run = tmp_path / "run"
+    settings = {"iterations": 2, "prompts_per_iteration": 4, "samples_per_prompt": 3, "max_new_tokens": 6}
+    settings.update(layers=[2], margin=0.0, heldout_size=2, validation_size=2, eval_samples_per_prompt=1, top_p=1.0)
+    sims = Sims(
+        str(folder), oracle=LetterOracle(), prompts=TRAIN, heldout_prompts=HELDOUT, out=run, progress=False, **settings
+    )
+    sims.run()
+    out = tmp_path / "first.pt"
+    assert main(["export", str(run), "--iteration", "1", "--format", "lm-eval", "--out", str(out)]) == 0
+    first = load_steering(run / "steering" / "iter_001.safetensors")
+    assert torch.allclose(
+        torch.load(out, weights_only=True)["layers.2"]["steering_vector"], first.direction("blocks.2.hook_resid_post")
+    )
+    assert f"exported {run} iteration 1 as lm-eval" in capsys.readouterr().out
+    assert main(["export", str(run), "--iteration", "5", "--format", "gguf", "--out", str(tmp_path / "x.gguf")]) == 2
+    assert "has policies for iterations [1, 2]" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), "--format", "gguf", "--out", str(tmp_path / "x.gguf")]) == 2
+    assert "neither a run folder" in capsys.readouterr().err
