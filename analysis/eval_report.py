@@ -36,7 +36,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from analysis.pages import ensure_plotlyjs
-from analysis.plots import color, empty_figure
+from analysis.plots import band_trace, color, empty_figure
 from sims_lens.differences import DIFFERENCE_COLUMNS, DIFFERENCES_FILE
 from sims_lens.eval_runs import BASELINES, EVAL_COLUMNS, EVAL_FILE
 from sims_lens.files import write_atomic
@@ -263,20 +263,7 @@ def metric_figure(frame: pd.DataFrame, metric: str, run: str = POOLED_RUN) -> go
         value, low, high = (float(band[c].iloc[0]) for c in ("value", "ci_low", "ci_high"))
         colour = color(i + 1)
         if not (math.isnan(low) or math.isnan(high)):
-            fig.add_trace(
-                go.Scatter(
-                    x=[x0, x1, x1, x0, x0],
-                    y=[low, low, high, high, low],
-                    fill="toself",
-                    fillcolor=_rgba(colour, 0.15),
-                    line={"width": 0},
-                    mode="lines",
-                    name=f"{policy} interval",
-                    legendgroup=policy,
-                    showlegend=False,
-                    hoverinfo="skip",
-                )
-            )
+            fig.add_trace(band_trace([x0, x1], [low, low], [high, high], policy, fillcolor=_rgba(colour, 0.15)))
         fig.add_trace(
             go.Scatter(
                 x=[x0, x1],

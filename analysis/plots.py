@@ -93,6 +93,23 @@ def grouped_line(x: Any, y: Any, name: str, group: str, show_legend: bool, color
     )
 
 
+def band_trace(x: list[Any], low: list[float], high: list[float], name: str, **style: Any) -> go.Scatter:
+    """A filled interval from ``low`` to ``high`` along ``x`` (no legend entry, no hover), grouped with the
+    line called ``name``; ``style`` sets its colour (``fillcolor``, ``opacity``)."""
+    return go.Scatter(
+        x=x + x[::-1],
+        y=high + low[::-1],
+        fill="toself",
+        line={"width": 0},
+        mode="lines",
+        name=f"{name} interval",
+        legendgroup=name,
+        showlegend=False,
+        hoverinfo="skip",
+        **style,
+    )
+
+
 def grid_height(n_rows: int, low: int = 420, high: int = 1100) -> int:
     """A heatmap height that gives each of ``n_rows`` rows about 20 px, within [low, high]."""
     return int(min(high, max(low, 170 + 20 * n_rows)))

@@ -29,7 +29,7 @@ from plotly.subplots import make_subplots
 from scipy import stats
 
 from analysis.pages import REFIT_SCRIPT, STYLE, ensure_plotlyjs
-from analysis.plots import color, empty_figure, grouped_line
+from analysis.plots import band_trace, color, empty_figure, grouped_line
 from sims_lens.files import write_atomic
 from sims_lens.metrics import METRIC_COLUMNS
 from sims_lens.sweep.folder import SweepFolder
@@ -164,23 +164,7 @@ def factor_figure(results: pd.DataFrame, factors: list[str], factor: str, metric
             band = line[line["low"].notna()]
             if len(band):
                 x, high, low = band["iteration"].tolist(), band["high"].tolist(), band["low"].tolist()
-                fig.add_trace(
-                    go.Scatter(
-                        x=x + x[::-1],
-                        y=high + low[::-1],
-                        fill="toself",
-                        fillcolor=color(i),
-                        opacity=0.2,
-                        line={"width": 0},
-                        mode="lines",
-                        name=f"{name} interval",
-                        legendgroup=name,
-                        showlegend=False,
-                        hoverinfo="skip",
-                    ),
-                    row=1,
-                    col=col,
-                )
+                fig.add_trace(band_trace(x, low, high, name, fillcolor=color(i), opacity=0.2), row=1, col=col)
             trace = grouped_line(line["iteration"], line["mean"], name, name, name not in shown, i)
             trace.update(
                 customdata=line[["n", "low", "high"]].to_numpy(),
