@@ -144,8 +144,8 @@ def ray_capacity(ray: Any, cpus: float, gpus: float) -> int:
 
 
 def lost(job: CellJob, error: str) -> CellOutcome:
-    """The outcome of a cell whose worker vanished (the driver reads its finished iterations)."""
-    return CellOutcome(job.name, "failed", 0, 0.0, job.threads, error)
+    """The outcome of a cell whose worker vanished."""
+    return CellOutcome(job.name, "failed", 0.0, job.threads, error)
 
 
 def import_ray() -> Any:

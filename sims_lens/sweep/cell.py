@@ -39,11 +39,11 @@ class CellJob:
 
 @dataclass
 class CellOutcome:
-    """What a worker hands back. ``final``: running the cell again would fail the same way."""
+    """What a worker hands back. ``final``: running the cell again would fail the same way. Its finished
+    iterations are not here: the driver reads them from the run folder (also for a worker that vanished)."""
 
     name: str
     status: str
-    iterations: int
     wall_s: float
     threads: int
     error: str | None = None
@@ -70,10 +70,9 @@ def _run(job: CellJob, parent: int | None, start: float) -> CellOutcome:
     folder = RunFolder(job.folder)
 
     def outcome(status: str, err: BaseException | None = None, final: bool = False) -> CellOutcome:
-        done = folder.completed_iterations
         line = None if err is None else error_line(err)
         log = None if err is None else "".join(traceback.format_exception(err))
-        return CellOutcome(job.name, status, done, time.perf_counter() - start, job.threads, line, final, log)
+        return CellOutcome(job.name, status, time.perf_counter() - start, job.threads, line, final, log)
 
     try:
         import_modules(job.imports)
