@@ -9,6 +9,24 @@ from typing import Any
 FORMATS = ("gguf", "lm-eval")
 
 
+def refuse_existing(out: Path) -> None:
+    """The steering commands never overwrite a file."""
+    if out.exists():
+        raise ValueError(f"--out {out} already exists; choose a new file name (nothing is overwritten)")
+
+
+def refuse_bad_steering_out(out: Path) -> None:
+    """A command that writes a steering file: ``--out`` names a new ``.safetensors`` file."""
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: name a .safetensors file (a .json copy of its metadata is written beside it)")
+    refuse_existing(out)
+
+
+def norms_text(steering: Any) -> str:
+    """``blocks.15.hook_resid_post 3.21, ...``: each hook's vector norm, as the steering commands print it."""
+    return ", ".join(f"{hook} {norm:.2f}" for hook, norm in steering.norms().items())
+
+
 def export_command(args: argparse.Namespace) -> int:
     """A run's policy (or a steering file) as a llama.cpp control vector or an lm-eval ``.pt`` file."""
     from sims_lens.models import load_model
@@ -16,8 +34,7 @@ def export_command(args: argparse.Namespace) -> int:
     from sims_lens.steering.io import load_steering, read_metadata
 
     source, out = Path(args.source), Path(args.out)
-    if out.exists():
-        raise ValueError(f"--out {out} already exists; choose a new file name (nothing is overwritten)")
+    refuse_existing(out)
     folder = RunFolder(source)
     if folder.has_config():
         done = folder.steering_iterations("policy")
@@ -40,8 +57,7 @@ def export_command(args: argparse.Namespace) -> int:
     else:
         raise ValueError(f"{source} is neither a run folder (no config.toml) nor a .safetensors steering file")
     written = steering.to_gguf(out, model) if args.format == "gguf" else steering.to_lm_eval(out, model)
-    norms = ", ".join(f"{hook} {norm:.2f}" for hook, norm in steering.norms().items())
-    print(f"exported {what} as {args.format}: {written} (norms: {norms})")
+    print(f"exported {what} as {args.format}: {written} (norms: {norms_text(steering)})")
     return 0
 
 
@@ -53,16 +69,12 @@ def import_command(args: argparse.Namespace) -> int:
     from sims_lens.steering.io import save_steering
 
     source, out = Path(args.source), Path(args.out)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"--out {out}: name a .safetensors file (a .json copy of its metadata is written beside it)")
-    if out.exists():
-        raise ValueError(f"--out {out} already exists; choose a new file name (nothing is overwritten)")
+    refuse_bad_steering_out(out)
     check_control_vector_file(source)  # a bad file fails before the model loads
     model, _ = load_model(args.model, dtype="float32", device=args.device)
     steering = SteeringSet.from_gguf(source, model)
     save_steering(steering, out, model)
-    norms = ", ".join(f"{hook} {norm:.2f}" for hook, norm in steering.norms().items())
-    print(f"imported {source}: {out} (norms: {norms}); use it as init = {str(out)!r} or load_steering")
+    print(f"imported {source}: {out} (norms: {norms_text(steering)}); use it as init = {str(out)!r} or load_steering")
     return 0
 
 

@@ -330,6 +330,7 @@ def register(sub: Any) -> None:
 
 def fit_command(args: argparse.Namespace) -> int:
     """``sims-lens fit``: a steering file from your own (prompt, chosen, rejected) pairs."""
+    from sims_lens.cli_export import norms_text, refuse_bad_steering_out
     from sims_lens.config import parse_layers
     from sims_lens.fitting import fit_pairs
     from sims_lens.models import load_model
@@ -337,10 +338,7 @@ def fit_command(args: argparse.Namespace) -> int:
     from sims_lens.steering.io import save_steering
 
     out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"--out {out}: name a .safetensors file (a .json copy of its metadata is written beside it)")
-    if out.exists():
-        raise ValueError(f"--out {out} already exists; choose a new file name (nothing is overwritten)")
+    refuse_bad_steering_out(out)
     pairs = load_pairs(args.pairs)  # a malformed file fails before the model loads
     layers = parse_layers(args.layers) if args.layers is not None else None
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -356,8 +354,7 @@ def fit_command(args: argparse.Namespace) -> int:
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     save_steering(steering, out, model)
-    norms = ", ".join(f"{hook} {norm:.2f}" for hook, norm in steering.norms().items())
-    print(f"fitted {args.learner} on {len(pairs)} pairs: {out} (norms: {norms})")
+    print(f"fitted {args.learner} on {len(pairs)} pairs: {out} (norms: {norms_text(steering)})")
     return 0
 
 
