@@ -149,7 +149,8 @@ def check_control_vector_file(path: str | os.PathLike[str]) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"control vector {path} does not exist")
-    data = path.read_bytes()[: 1 << 20]  # the metadata of a control vector is tiny
+    with path.open("rb") as handle:
+        data = handle.read(1 << 20)  # a control vector's metadata is tiny; a model's GGUF is not read whole
     size = path.stat().st_size
     if data[:4] != MAGIC:
         raise FormatError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
