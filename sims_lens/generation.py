@@ -1,4 +1,4 @@
-"""Batched, KV-cached sampling with left padding, under whatever steering hooks are active.
+"""Batched, KV-cached sampling with padding, under whatever steering hooks are active.
 
 The current policy is the model plus the steering hooks attached around the call, so the same
 function samples from pi_0 (no hooks) and pi_t (``with apply_steering(...)``). The decode loop
@@ -6,10 +6,14 @@ drives the bridge's plain Hugging Face twin (:mod:`sims_lens.plain_twin`: the sa
 hooks on the bridge's hook points still run) or, where the active hooks need it, the bridge's own
 module, and does per batch only what the work needs (ARCHITECTURE.md, "Sampling"):
 
-- prompts are sorted by length before batching (less left padding) and the results returned in
+- prompts are sorted by length before batching (less padding) and the results returned in
   the caller's order;
+- the leading tokens all prompts of a batch share (a chat template's system prompt) are prefilled
+  once, for one row, and sit first in every row; each prompt's rest follows, left-padded;
 - identical prompts in a batch (SIMS asks for K samples of each prompt) are prefilled once and
   their KV cache is shared by the K rows;
+- the weight matrices are multiplied through oneDNN-prepacked copies on the CPU in float32
+  (:mod:`sims_lens.packed_linear`);
 - the prefill computes logits for the last position only;
 - rows that have ended leave the batch (their KV cache rows are dropped) once enough have ended;
 - every row draws its randomness from its own stream (``derive_seed(seed, "sample", index)``), one
@@ -32,7 +36,8 @@ from torch import Tensor
 
 from sims_lens.chat import Exchange, encode_chat, end_token_ids, left_pad, split_generated
 from sims_lens.kv_cache import growing_cache
-from sims_lens.plain_twin import hooked_forward
+from sims_lens.packed_linear import packed_linears
+from sims_lens.plain_twin import forward_modules, hooked_forward
 from sims_lens.seeds import derive_seed
 from sims_lens.steering.positions import track_positions
 
@@ -46,6 +51,7 @@ class GenerationSettings:
     top_p: float = 1.0
     batch_size: int = 16
     use_kv_cache: bool = True
+    packed_weights: bool = True
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -80,15 +86,16 @@ def generate_ids(
     uniforms = row_uniforms(len(prompts), settings, seed)
     order = batch_order(prompts)
     responses: dict[int, list[int]] = {}
-    for start in range(0, len(order), settings.batch_size):
-        rows = order[start : start + settings.batch_size]
-        tokens = _generate_batch(
-            model, [prompts[i] for i in rows], None if uniforms is None else uniforms[rows], settings, eos, pad_id
-        )
-        for i, row_tokens in zip(rows, tokens, strict=True):
-            responses[i] = row_tokens
-        if on_batch is not None:
-            on_batch(len(rows))
+    with packed_linears(*forward_modules(model), enabled=settings.packed_weights):
+        for start in range(0, len(order), settings.batch_size):
+            rows = order[start : start + settings.batch_size]
+            tokens = _generate_batch(
+                model, [prompts[i] for i in rows], None if uniforms is None else uniforms[rows], settings, eos, pad_id
+            )
+            for i, row_tokens in zip(rows, tokens, strict=True):
+                responses[i] = row_tokens
+            if on_batch is not None:
+                on_batch(len(rows))
     return [split_generated(list(p) + responses[i], len(p), [1] * len(p), eos) for i, p in enumerate(prompts)]
 
 
@@ -205,6 +212,13 @@ def _forward(
     return out.logits[:, -1].float(), out.past_key_values if cache is not None else None
 
 
+def _prefill(lm: Any, ids: Int[Tensor, "1 pos"], cache: Any) -> Any:
+    """The KV cache after ``ids`` (one unpadded row), through the decoder alone: its logits are not needed."""
+    positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+    out = lm.base_model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True)
+    return out.past_key_values
+
+
 def _generate_batch(
     model: Any,
     prompts: Sequence[Sequence[int]],
@@ -217,16 +231,23 @@ def _generate_batch(
     device = next(model.parameters()).device
     unique: dict[tuple[int, ...], int] = {}
     expand = torch.tensor([unique.setdefault(tuple(p), len(unique)) for p in prompts])
-    ids, mask = left_pad(list(unique), pad_id)
+    shared = shared_prefix_length(list(unique)) if settings.use_kv_cache else 0
+    ids, mask = prefix_first_pad(list(unique), shared, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     ends = torch.tensor(eos, dtype=torch.long, device=device)
     n_rows = len(prompts)
     out = torch.full((n_rows, settings.max_new_tokens), pad_id, dtype=torch.long)
     rows = expand.to(device)
-    with track_positions(model, mask) as tracker, hooked_forward(model) as lm:
-        cache: Any = growing_cache(lm.config, settings.max_new_tokens) if settings.use_kv_cache else None
-        if cache is not None:  # prefill each distinct prompt once, then share its cache by its rows
-            logits, cache = _forward(lm, ids, mask, cache)
+    with track_positions(model, mask[:1] if shared else mask) as tracker, hooked_forward(model) as lm:
+        reserve = settings.max_new_tokens + (ids.shape[1] - shared if shared else 0)  # room after the first fill
+        cache: Any = growing_cache(lm.config, reserve) if settings.use_kv_cache else None
+        if cache is not None:  # prefill the shared prefix once, then each distinct prompt's rest once
+            if shared:
+                cache = _prefill(lm, ids[:1, :shared], cache)
+                cache.reorder_cache(torch.zeros(len(unique), dtype=torch.long, device=device))
+                tracker.set_rows(mask)
+                tracker.resume(shared)
+            logits, cache = _forward(lm, ids[:, shared:], mask, cache)
             logits = logits[rows]
             if len(unique) < n_rows:
                 cache.reorder_cache(rows)
@@ -256,6 +277,37 @@ def _generate_batch(
                 ids = torch.cat([ids, new.unsqueeze(-1)], dim=1)
                 logits, _ = _forward(lm, ids, mask, None)
     return [row.tolist() for row in out]
+
+
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all ``prompts`` share (0 for fewer than two), leaving each at least one of its own.
+
+    Chat-formatted prompts share the template's opening (the embedded model's system prompt: 24
+    tokens): :func:`_generate_batch` prefills it once for the whole batch.
+    """
+    if len(prompts) < 2:
+        return 0
+    first, shortest = prompts[0], min(len(p) for p in prompts)
+    n = 0
+    while n < shortest - 1 and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
+
+
+def prefix_first_pad(
+    prompts: Sequence[Sequence[int]], shared: int, pad_id: int
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """``(input_ids, attention_mask)`` with the ``shared`` leading tokens first, then each rest left-padded.
+
+    So the shared prefix sits in the same columns of every row (its KV cache is computed once) and
+    every row ends in its last prompt token; with ``shared == 0`` this is plain left padding.
+    Position ids follow the mask, so a row's tokens get the positions they would have unpadded.
+    """
+    ids, mask = left_pad([p[shared:] for p in prompts], pad_id)
+    if not shared:
+        return ids, mask
+    prefix = torch.tensor(list(prompts[0][:shared]), dtype=torch.long).expand(len(prompts), shared)
+    return torch.cat([prefix, ids], dim=1), torch.cat([torch.ones_like(prefix), mask], dim=1)
 
 
 def _worth_compacting(n_finished: int, n_active: int) -> bool:

@@ -82,6 +82,15 @@ def hooked_forward(model: Any) -> Iterator[nn.Module]:
             handle.remove()
 
 
+def forward_modules(model: Any) -> list[nn.Module]:
+    """The modules :func:`hooked_forward` may run for ``model``: its twin (where there is one) and the bridged model."""
+    bridged = getattr(model, "original_model", None)
+    if bridged is None:
+        return [model]
+    twin = plain_twin(model)
+    return [bridged] if twin is None else [twin.module, bridged]
+
+
 def _site_map(model: Any) -> dict[int, Site]:
     """``id(HookPoint)`` -> its :data:`Site`, for every bridge component's hook_in and hook_out."""
     paths = {id(module): path for path, module in model.original_model.named_modules()}

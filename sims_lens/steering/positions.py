@@ -3,12 +3,13 @@
 During generation with a KV cache, the prefill forward sees ``[batch, prompt, d_model]`` and each
 decode step sees ``[batch, 1, d_model]``. :func:`track_positions` follows that (one hook on
 ``hook_embed`` counts the tokens each forward adds), so a hook can tell prompt tokens from
-generated ones and real tokens from left padding. Outside :func:`track_positions` every forward
+generated ones and real tokens from padding (left padding, or the sampler's padding between a
+shared prefix and each prompt's rest). Outside :func:`track_positions` every forward
 is taken to be a whole, unpadded sequence of prompt tokens.
 
 Position policies:
 
-- ``"all"``: every real token (never left padding).
+- ``"all"``: every real token (never padding).
 - ``"generated"``: the tokens that produce the response, i.e. the last real prompt token and every
   generated token. The last prompt token's output is the first response token's distribution, so
   steering it steers the first response token too (steering generated tokens alone would leave the
@@ -56,27 +57,40 @@ class PositionTracker:
     prompt_mask: Bool[Tensor, "batch prompt"]
     seen: int = 0
     offset: int = 0
+    resume_at: int | None = None
     pad_counts: Int[Tensor, " batch"] = field(init=False)
+    pads_through: Int[Tensor, "batch prompt"] = field(init=False)
     masks: dict[tuple[str, int, int], Tensor | None] = field(default_factory=dict)
     """Masks of the current forward by (policy, batch, seq_len): computed once, shared by every hook."""
 
     def __post_init__(self) -> None:
-        self.prompt_mask = self.prompt_mask.bool()
-        self.pad_counts = (~self.prompt_mask).sum(-1)
+        self.set_rows(self.prompt_mask)
 
     @property
     def prompt_width(self) -> int:
         return int(self.prompt_mask.shape[1])
 
-    def select_rows(self, rows: Int[Tensor, " rows"]) -> None:
-        """The following forwards run these rows of the batch, in this order (rows repeated or dropped)."""
-        self.prompt_mask = self.prompt_mask[rows.cpu()]
-        self.pad_counts = (~self.prompt_mask).sum(-1)
+    def set_rows(self, prompt_mask: Bool[Tensor, "batch prompt"]) -> None:
+        """The following forwards run rows with these prompt masks (padding anywhere in the prompt)."""
+        self.prompt_mask = prompt_mask.to("cpu").bool()
+        self.pads_through = (~self.prompt_mask).long().cumsum(-1)
+        self.pad_counts = self.pads_through[:, -1]
         self.masks.clear()
 
+    def select_rows(self, rows: Int[Tensor, " rows"]) -> None:
+        """The following forwards run these rows of the batch, in this order (rows repeated or dropped)."""
+        self.set_rows(self.prompt_mask[rows.cpu()])
+
+    def resume(self, seen: int) -> None:
+        """The next forward continues the sequence after its first ``seen`` tokens (a cached forward of any length)."""
+        self.resume_at = seen
+
     def advance(self, seq_len: int) -> None:
-        """Record one forward of ``seq_len`` tokens (prefill, cached step or full re-run)."""
-        self.offset = self.seen if (seq_len == 1 and self.seen > 0) else 0
+        """Record one forward of ``seq_len`` tokens (prefill, cached step, continued prefill or full re-run)."""
+        if self.resume_at is not None:
+            self.offset, self.resume_at = self.resume_at, None
+        else:
+            self.offset = self.seen if (seq_len == 1 and self.seen > 0) else 0
         self.seen = self.offset + seq_len
         self.masks.clear()
 
@@ -149,13 +163,16 @@ def _tracked_mask(policy: str, batch: int, seq_len: int, tracker: PositionTracke
     if policy == "all":
         mask = real
     elif policy == "generated":
-        # the last prompt column (the last real prompt token of every row under left padding) and
+        # the last prompt column (the last real prompt token of every row: prompts end there) and
         # every generated token; a row whose prompt is all padding has no real prompt token there
         mask = real & (absolute >= width - 1).expand(batch, seq_len)
     elif policy == "prompt":
         mask = real & in_prompt
     else:
         start = int(policy.split(":")[1])
-        row_position = absolute.unsqueeze(0) - tracker.pad_counts.unsqueeze(1)
+        pads_before = tracker.pad_counts.unsqueeze(1).expand(batch, seq_len).clone()
+        if bool(in_prompt.any()):
+            pads_before[:, in_prompt] = tracker.pads_through[:, absolute[in_prompt]]
+        row_position = absolute.unsqueeze(0) - pads_before
         mask = real & (row_position >= start)
     return mask

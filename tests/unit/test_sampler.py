@@ -1,7 +1,8 @@
 """The sampler's fast paths give the simple path's results, and its choices match Hugging Face's.
 
-Fast paths: batching with length sorting, one prefill shared by identical prompts, ended rows
-leaving the batch, the KV cache. The simple path: one row per batch, no cache.
+Fast paths: batching with length sorting, one prefill of the prefix all prompts share, one
+prefill shared by identical prompts, ended rows leaving the batch, the KV cache, prepacked weights.
+The simple path: one row per batch, no cache, plain ``F.linear``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,14 @@ import pytest
 import torch
 
 from sims_lens.chat import encode_chat, end_token_ids
-from sims_lens.generation import GenerationSettings, batch_order, choose_tokens, generate_ids
+from sims_lens.generation import (
+    GenerationSettings,
+    batch_order,
+    choose_tokens,
+    generate_ids,
+    prefix_first_pad,
+    shared_prefix_length,
+)
 from sims_lens.steering.functions import SteeringFunction, SteeringSet
 from sims_lens.steering.hooks import apply_steering
 from sims_lens.tiny import tiny_hf_model
@@ -35,7 +43,9 @@ def test_batched_shared_and_cached_equal_one_row_uncached(tiny, temperature, bia
     model, tok = tiny
     ids = [encode_chat(tok, p) for p in PROMPTS for _ in range(3)]
     fast = GenerationSettings(max_new_tokens=10, temperature=temperature, top_p=0.9, batch_size=8)
-    simple = GenerationSettings(max_new_tokens=10, temperature=temperature, top_p=0.9, batch_size=1, use_kv_cache=False)
+    simple = GenerationSettings(
+        max_new_tokens=10, temperature=temperature, top_p=0.9, batch_size=1, use_kv_cache=False, packed_weights=False
+    )
     with model.hooks(fwd_hooks=[eos_bias(tok, bias)]):  # the end token wins about one step in four
         a = generate_ids(model, tok, ids, fast, seed=5)
         b = generate_ids(model, tok, ids, simple, seed=5)
@@ -166,3 +176,54 @@ def test_sampling_without_a_seed_uses_the_global_generator(tiny):
     torch.manual_seed(0)
     b = generate_ids(model, tok, ids, settings)
     assert a == b
+
+
+def test_the_prefix_all_prompts_share_is_prefilled_once_for_one_row(tiny):
+    model, tok = tiny
+    ids = [encode_chat(tok, p) for p in PROMPTS[:3]]
+    shared = shared_prefix_length(ids)
+    assert shared > 0 and all(p[:shared] == ids[0][:shared] for p in ids)
+    forwards: list[tuple[int, int]] = []
+
+    def record(act, hook):
+        forwards.append(tuple(act.shape[:2]))
+
+    with model.hooks(fwd_hooks=[("hook_embed", record)]):
+        generate_ids(model, tok, ids, GenerationSettings(max_new_tokens=2))
+    rest = max(len(p) for p in ids) - shared
+    assert forwards[:2] == [(1, shared), (3, rest)]
+
+
+def test_shared_prefix_length_leaves_every_prompt_a_token_of_its_own():
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 4, 5]]) == 2
+    assert shared_prefix_length([[1, 2], [1, 2, 3]]) == 1  # the shorter one keeps its last token
+    assert shared_prefix_length([[7, 2], [1, 2]]) == 0
+    assert shared_prefix_length([[1, 2, 3]]) == 0  # one prompt: nothing to share
+    ids, mask = prefix_first_pad([[1, 2, 3], [1, 2, 4, 5]], 2, pad_id=0)
+    assert ids.tolist() == [[1, 2, 0, 3], [1, 2, 4, 5]]
+    assert mask.tolist() == [[1, 1, 0, 1], [1, 1, 1, 1]]
+
+
+def test_prepacked_weights_give_the_plain_products_text_and_follow_edits(tiny):
+    """Greedy text with oneDNN-prepacked weights equals plain ``F.linear``'s, also after a weight edit via .data."""
+    from sims_lens.packed_linear import packed_linears
+    from sims_lens.plain_twin import forward_modules
+
+    model, tok = tiny
+    ids = [encode_chat(tok, p) for p in PROMPTS[:4]]
+    packed = GenerationSettings(max_new_tokens=8, batch_size=4)
+    plain = GenerationSettings(max_new_tokens=8, batch_size=4, packed_weights=False)
+    with packed_linears(*forward_modules(model)) as switched:
+        assert switched > 0 or not torch.backends.mkldnn.is_available()
+    linears = [m for m in forward_modules(model)[0].modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all("forward" not in m.__dict__ for m in linears)  # back to their own forward
+    assert generate_ids(model, tok, ids, packed) == generate_ids(model, tok, ids, plain)
+    weight = next(p for n, p in model.original_model.named_parameters() if "down_proj" in n)
+    original = weight.detach().clone()
+    try:
+        weight.data.mul_(-30.0)  # invisible to torch's version counter
+        edited = generate_ids(model, tok, ids, packed)
+        assert edited == generate_ids(model, tok, ids, plain)
+    finally:
+        weight.data.copy_(original)
+    assert edited != generate_ids(model, tok, ids, plain)
