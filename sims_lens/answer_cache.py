@@ -9,10 +9,11 @@ work. Sampling is reproducible (every row draws from its own seeded stream, ARCH
 What is cached is the model's part only: the token ids of the answers (:func:`generate_cached`) and
 their mean NLL under the model (:func:`nll_cached`); oracles score them afresh every time. An entry
 is found by a key over what the result depends on: the model's weights (a fingerprint of every
-tensor) and config, the hardware (device model, instruction set, threads, matmul precision), the
-torch and transformers versions, the source of the modules that decide answers and NLL (:data:`CODE`),
-the end and pad tokens, the prompt ids, the settings and the seed. Nothing is cached while hooks are
-active on the model (a steered policy, a user's hook) or without a seed.
+tensor, :mod:`sims_lens.fingerprint`) and config, the hardware (device model, instruction set,
+threads, matmul precision), the torch, transformers and transformer-lens versions, the source of
+the modules that decide answers and NLL (:data:`CODE`), the end and pad tokens, the prompt ids,
+the settings and the seed. Nothing is cached while hooks are active on the model (a steered
+policy, a user's hook) or without a seed.
 
 Where: ``$SIMS_LENS_ANSWER_CACHE``, else ``answers/`` under the user cache folder
 (:func:`sims_lens.models.cache_dir`); ``SIMS_LENS_ANSWER_CACHE=off`` turns it off. An entry that
@@ -22,6 +23,7 @@ cannot be read (a truncated file, another format) is recomputed and rewritten wi
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -34,11 +36,11 @@ from typing import Any
 
 import torch
 import transformers
-from torch import Tensor
 
 import sims_lens
 from sims_lens.chat import Exchange, end_token_ids
 from sims_lens.files import write_atomic
+from sims_lens.fingerprint import model_fingerprint
 from sims_lens.generation import GenerationSettings, generate_ids
 from sims_lens.models import cache_dir
 from sims_lens.plain_twin import hooked_points
@@ -46,10 +48,20 @@ from sims_lens.plain_twin import hooked_points
 ENV = "SIMS_LENS_ANSWER_CACHE"
 CODE = tuple(
     f"sims_lens.{name}"
-    for name in ("generation", "kv_cache", "plain_twin", "chat", "seeds", "steering.positions", "capture", "evaluation")
+    for name in (
+        "generation",
+        "kv_cache",
+        "plain_twin",
+        "packed_linear",
+        "chat",
+        "seeds",
+        "steering.positions",
+        "capture",
+        "evaluation",
+    )
 )
-"""The modules whose source is part of every key: the sampler, its KV cache and twin, chat formatting and
-token spans, seeds, position tracking, padded batches, and the NLL's forward."""
+"""The modules whose source is part of every key: the sampler, its KV cache, twin and packed weights,
+chat formatting and token spans, seeds, position tracking, padded batches, and the NLL's forward."""
 FORMAT = 1
 """Bumped when an entry's layout changes (old entries are then never found)."""
 
@@ -107,41 +119,6 @@ def nll_cached(
     return _through_cache(key, compute, list, decode)
 
 
-def model_fingerprint(model: Any) -> str:
-    """A digest of every parameter and buffer: name, shape, dtype, and per tensor its sum, sum of
-    squares and a dot product with fixed pseudo-random weights (which order-only changes, such as
-    swapped rows, do move), accumulated over chunks.
-
-    For weights that differ anywhere the digest differs with overwhelming probability: two
-    checkpoints, a fine-tuned copy, another dtype. It is computed on every call (one pass over the
-    weights), so weights edited in place are noticed.
-    """
-    module = getattr(model, "original_model", model)
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-            flat = tensor.detach().reshape(-1)
-            weights = _pseudo_random(flat.device)
-            sums = [0.0, 0.0, 0.0]
-            for start in range(0, flat.numel(), _CHUNK):
-                chunk = flat[start : start + _CHUNK].float()
-                sums[0] += float(chunk.sum(dtype=torch.float64))
-                sums[1] += float(torch.dot(chunk, chunk))
-                sums[2] += float(torch.dot(chunk, weights[: chunk.numel()]))
-            digest.update(json.dumps([name, list(tensor.shape), str(tensor.dtype), sums]).encode())
-    return digest.hexdigest()
-
-
-_CHUNK = 1 << 20
-
-
-@cache
-def _pseudo_random(device: torch.device) -> Tensor:
-    """``_CHUNK`` fixed float32 weights in [0.5, 1.5): the same on every machine (an integer hash, no RNG)."""
-    index = torch.arange(_CHUNK, dtype=torch.int64, device=device)
-    return (0.5 + ((index * 2654435761) % 4294967296).double() / 4294967296).float()
-
-
 def _generation_inputs(
     tokenizer: Any, prompts: Sequence[Sequence[int]], settings: GenerationSettings, seed: int
 ) -> dict[str, Any]:
@@ -168,10 +145,19 @@ def _key(model: Any, kind: str, inputs: dict[str, Any]) -> str | None:
         "hardware": _hardware(next(model.parameters()).device),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "transformer_lens": _version_of("transformer_lens"),
         "code": _code_digest(),
         "inputs": inputs,
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+@cache
+def _version_of(package: str) -> str:
+    try:
+        return importlib.metadata.version(package.replace("_", "-"))
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def _hardware(device: torch.device) -> dict[str, Any]:

@@ -9,10 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from sims_lens import answer_cache
-from sims_lens.answer_cache import generate_cached, model_fingerprint
+from sims_lens import answer_cache, fingerprint
+from sims_lens.answer_cache import generate_cached
 from sims_lens.chat import encode_chat
 from sims_lens.evaluation import evaluate, response_nll
+from sims_lens.fingerprint import model_fingerprint
 from sims_lens.generation import GenerationSettings
 from sims_lens.prompts import Prompt
 from sims_lens.steering.functions import SteeringFunction, SteeringSet
@@ -151,19 +152,57 @@ def test_a_second_run_with_the_same_seed_reads_back_pi0s_answers_and_gives_the_s
         assert all(torch.equal(x, y) for x, y in zip(a.activations.positives, b.activations.positives, strict=True))
 
 
-def test_the_fingerprint_follows_weights_edited_in_place_through_data_or_reordered():
+def test_the_fingerprint_follows_any_in_place_edit_and_reordered_rows():
     model, _ = tiny_model(n_layers=1, d_model=32, seed=2)
     before = model_fingerprint(model)
     assert model_fingerprint(model) == before
     weight = next(p for p in model.original_model.parameters() if p.ndim == 2)
     original = weight.detach().clone()
-    weight.data[0, 0] = original[0, 0] + 1.0  # through .data: torch's version counter does not see it
+    with torch.no_grad():
+        weight[3, 5] += 1.0  # one element, not among the probed ones: torch's version counter sees it
+        assert model_fingerprint(model) != before
+        weight.copy_(original)
+        assert model_fingerprint(model) == before  # the same weights again: the same entries
+        weight[[0, 1]] = original[[1, 0]]  # two rows swapped: the same sums, other weights
+        assert model_fingerprint(model) != before
+        weight.copy_(original)
+
+
+def test_edits_through_data_are_seen_by_the_probe_or_after_forget():
+    """``.data`` has its own version counter: the probe sees broad edits; ``forget`` makes any edit seen."""
+    model, _ = tiny_model(n_layers=1, d_model=32, seed=2)
+    before = model_fingerprint(model)
+    weight = next(p for p in model.original_model.parameters() if p.ndim == 2)
+    original = weight.detach().clone()
+    weight.data[7].mul_(2.0)  # a whole row: probed elements among it
     assert model_fingerprint(model) != before
     weight.data.copy_(original)
-    assert model_fingerprint(model) == before  # the same weights again: the same entries
-    weight.data[[0, 1]] = original[[1, 0]]  # two rows swapped: the same sums, other weights
+    assert model_fingerprint(model) == before
+    weight.data[3, 5] += 1.0  # one unprobed element through .data
+    fingerprint.forget(model)
     assert model_fingerprint(model) != before
     weight.data.copy_(original)
+    fingerprint.forget()
+    assert model_fingerprint(model) == before
+
+
+@pytest.mark.parametrize("d_model", [32, 128])
+def test_a_second_fingerprint_of_unchanged_weights_reads_a_probe_per_tensor(monkeypatch, d_model):
+    """The key's cost on a second call: no pass over any tensor, :data:`PROBE` elements per tensor at most."""
+    model, _ = tiny_model(n_layers=2, d_model=d_model, seed=2)
+    passes: list[int] = []
+    full_pass = fingerprint.tensor_sums
+    monkeypatch.setattr(fingerprint, "tensor_sums", lambda flat: passes.append(flat.numel()) or full_pass(flat))
+    first = model_fingerprint(model)
+    tensors = [*model.original_model.parameters(), *model.original_model.buffers()]
+    assert len(passes) == len(tensors)
+    passes.clear()
+    assert model_fingerprint(model) == first and passes == []
+    weight = next(p for p in model.original_model.parameters() if p.ndim == 2)
+    with torch.no_grad():
+        weight.mul_(1.5)
+    assert model_fingerprint(model) != first and passes == [weight.numel()]  # only the edited tensor is read
+    assert all(len(fingerprint._probe_index(t.numel(), t.device)) <= fingerprint.PROBE for t in tensors)
 
 
 def test_eval_reads_back_the_unsteered_answers_and_gives_the_same_table(tiny, tmp_path, monkeypatch, calls):
