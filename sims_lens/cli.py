@@ -33,6 +33,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from sims_lens.answer_cache import answer_cache_dir
     from sims_lens.models import cache_dir, load_model, resolve_source
+    from sims_lens.plain_twin import twin_verdict
 
     source = resolve_source(args.model)
     start = time.perf_counter()
@@ -49,10 +50,21 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"d_model      {cfg.d_model}")
     print(f"vocab        {len(tokenizer)}")
     print(f"chat format  {'yes' if getattr(tokenizer, 'chat_template', None) else 'no (raw prompts)'}")
+    print(f"plain twin   {twin_line(twin_verdict(model))}")
     print(f"hook points  blocks.{{0..{cfg.n_layers - 1}}}.{{name}}, name in:")
     for suffix in suffixes:
         print(f"               {suffix}")
     return 0
+
+
+def twin_line(verdict: Any) -> str:
+    """``sims-lens info``'s line on the plain twin: used or not, and the largest logit difference."""
+    if verdict.largest_difference is None:
+        return f"{'used' if verdict.used else 'not used'}: {verdict.reason}"
+    numbers = f"largest logit difference {verdict.largest_difference:.3g}, tolerance {verdict.tolerance:.3g}"
+    if verdict.used:
+        return f"used for sampling, capture and NLL ({numbers})"
+    return f"not used, the bridge runs (slower): {verdict.reason}"
 
 
 def cmd_steer_demo(args: argparse.Namespace) -> int:

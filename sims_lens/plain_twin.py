@@ -25,6 +25,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,6 +34,8 @@ from torch import Tensor, nn
 _WRAPPED = "._original_component"
 _TWINS: dict[int, tuple[Any, Twin | None]] = {}
 """Built twins by ``id(bridge)`` (with the bridge itself, so a recycled id is noticed); None: not usable."""
+_VERDICTS: dict[int, TwinVerdict] = {}
+"""Why each built twin was accepted or not, by ``id(bridge)`` (kept with ``_TWINS``)."""
 
 
 Site = tuple[str, Any, str]
@@ -47,14 +50,49 @@ class Twin:
         self.sites = sites
 
 
+@dataclass(frozen=True)
+class TwinVerdict:
+    """Whether the twin is used and why: the largest logit difference against the bridge, and the tolerance."""
+
+    used: bool
+    reason: str
+    largest_difference: float | None = None
+    tolerance: float | None = None
+
+
 def plain_twin(model: Any) -> Twin | None:
     """The checked plain twin of ``model`` (built on first use), or None where there is none."""
     cached = _TWINS.get(id(model))
     if cached is not None and cached[0] is model:
         return cached[1]
-    twin = _build_checked(model)
+    twin, verdict = _build_checked(model)
     _TWINS[id(model)] = (model, twin)
+    _VERDICTS[id(model)] = verdict
     return twin
+
+
+def twin_verdict(model: Any) -> TwinVerdict:
+    """Whether sampling, capture and NLL run through ``model``'s plain twin, and why (builds it if needed)."""
+    if getattr(model, "original_model", None) is None:
+        return TwinVerdict(False, "not a TransformerBridge: its own module runs")
+    plain_twin(model)
+    return _VERDICTS[id(model)]
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """``(rtol, atol as a fraction of the largest |value|)`` for the twin's check in ``dtype``.
+
+    The twin runs SDPA attention where the bridge runs eager attention, so the two round differently.
+    In float32 that is ~1e-6 relative and the check is tight (1e-3, 1e-4). In bfloat16 and float16 each
+    layer rounds at the dtype's epsilon, and the logits of 30 layers differ by several epsilons of
+    their scale (embedded model, bfloat16, a text input: 1.05 at logits up to ~30, 4.5 epsilons); a
+    twin that is *wrong* (a missing norm, another rotary base) differs by the logits' own scale. So
+    half precision allows 16 epsilons of the largest value.
+    """
+    eps = float(torch.finfo(dtype).eps) if dtype.is_floating_point else 0.0
+    if eps <= float(torch.finfo(torch.float32).eps):
+        return 1e-3, 1e-4
+    return 0.0, 16 * eps
 
 
 @contextmanager
@@ -166,25 +204,45 @@ def _build(model: Any) -> nn.Module:
     return twin.eval()
 
 
-def _build_checked(model: Any) -> Twin | None:
+def _build_checked(model: Any) -> tuple[Twin | None, TwinVerdict]:
     """Build the twin and check it against the bridge; None (with a warning) where either fails."""
     try:
         module = _build(model)
-        sites = _verified_sites(model, module)
+        sites, difference, allowed = _verified_sites(model, module)
         if sites is not None:
-            return Twin(module, sites)
-        reason = "its logits differ from the bridge's"
+            return Twin(module, sites), TwinVerdict(True, "its logits match the bridge's", difference, allowed)
+        reason = f"its logits differ from the bridge's by up to {difference:.3g} (tolerance {allowed:.3g})"
+        verdict = TwinVerdict(False, reason, difference, allowed)
     except Exception as err:  # an architecture the twin cannot be built for
         reason = f"{type(err).__name__}: {err}"
+        verdict = TwinVerdict(False, reason)
     warnings.warn(f"sampling runs through the TransformerBridge (slower): no plain twin ({reason})", stacklevel=3)
-    return None
+    return None, verdict
+
+
+CHECK_TEXT = "The quick brown fox jumps over the lazy dog, and then it rests."
+"""The input of the twin's check: ordinary text (special tokens alone blow up in half precision)."""
+
+
+def _check_ids(model: Any, device: torch.device) -> Tensor:
+    """:data:`CHECK_TEXT`'s tokens where the bridge has a tokenizer, else ordinary ids from mid-vocabulary."""
+    tokenizer = getattr(model, "tokenizer", None)
+    vocab = int(model.cfg.d_vocab)
+    ids: list[int] = []
+    if tokenizer is not None:
+        ids = [int(t) for t in tokenizer(CHECK_TEXT, add_special_tokens=False)["input_ids"] if 0 <= int(t) < vocab]
+    if len(ids) < 4:
+        ids = [(vocab // 2 + 7 * i) % vocab for i in range(12)]
+    return torch.tensor(ids, device=device).unsqueeze(0)
 
 
 @torch.no_grad()
-def _verified_sites(model: Any, twin: nn.Module) -> dict[int, Site] | None:
-    """The twin sites whose activation equals the bridge's on a short input; None if the logits differ."""
-    device = next(model.original_model.parameters()).device
-    ids = (torch.arange(1, 9, device=device) % int(model.cfg.d_vocab)).unsqueeze(0)
+def _verified_sites(model: Any, twin: nn.Module) -> tuple[dict[int, Site] | None, float, float]:
+    """The twin sites whose activation equals the bridge's on a short input (None if the logits differ),
+    the largest logit difference and the difference allowed."""
+    parameter = next(model.original_model.parameters())
+    ids = _check_ids(model, parameter.device)
+    rtol, atol = tolerance(parameter.dtype)
     sites = {key: site for key, site in _site_map(model).items() if site[1].name is not None}
     seen: dict[str, dict[int, Any]] = {"bridge": {}, "twin": {}}
     side = ["bridge"]
@@ -207,9 +265,14 @@ def _verified_sites(model: Any, twin: nn.Module) -> dict[int, Site] | None:
         finally:
             for handle in handles:
                 handle.remove()
-    if not _close(bridge_logits, twin_logits):
-        return None
-    return {key: site for key, site in sites.items() if _close(seen["bridge"].get(key), seen["twin"].get(key))}
+    difference = float((bridge_logits - twin_logits).abs().max())
+    allowed = atol * float(bridge_logits.abs().max()) + rtol * float(bridge_logits.abs().max())
+    if not _close(bridge_logits, twin_logits, rtol, atol):
+        return None, difference, allowed
+    kept = {
+        key: site for key, site in sites.items() if _close(seen["bridge"].get(key), seen["twin"].get(key), rtol, atol)
+    }
+    return kept, difference, allowed
 
 
 @contextmanager
@@ -226,7 +289,8 @@ def _suspended(model: Any) -> Iterator[None]:
             p._forward_hooks, p._forward_pre_hooks = hooks, pre_hooks
 
 
-def _close(a: Tensor | None, b: Tensor | None) -> bool:
+def _close(a: Tensor | None, b: Tensor | None, rtol: float, atol: float) -> bool:
+    """``a`` and ``b`` agree within ``rtol`` and ``atol`` x the largest ``|a|``."""
     if a is None or b is None or a.shape != b.shape:
         return False
-    return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(a.abs().max().clamp_min(1e-6))))
+    return bool(torch.allclose(a, b, rtol=rtol, atol=atol * float(a.abs().max().clamp_min(1e-6))))

@@ -91,3 +91,39 @@ def test_a_twin_first_built_under_steering_and_position_tracking_is_checked_with
         out = generate_ids(model, tok, ids, GenerationSettings(max_new_tokens=4, batch_size=3))
     assert plain_twin(model) is not None and len(out) == 3
     assert not any(p._forward_hooks for p in model.hook_dict.values())  # put back, then removed by the context
+
+
+def test_the_twin_is_checked_against_a_tolerance_that_fits_the_dtype(monkeypatch):
+    """bfloat16: a faithful twin is accepted, one with a wrong norm is refused with its largest difference."""
+    from sims_lens import plain_twin as twin_module
+    from sims_lens.tiny import tiny_model
+
+    assert twin_module.tolerance(torch.float32) == (1e-3, 1e-4)
+    assert twin_module.tolerance(torch.bfloat16) == (0.0, 16 * 2**-7)
+    model, _ = tiny_model(n_layers=2, d_model=64, seed=3, dtype=torch.bfloat16)
+    verdict = twin_module.twin_verdict(model)
+    assert verdict.used and verdict.largest_difference is not None and verdict.largest_difference <= verdict.tolerance
+
+    build = twin_module._build
+
+    def wrong_norms(bridge):
+        twin = build(bridge)
+        for module in twin.modules():
+            if hasattr(module, "variance_epsilon"):
+                module.variance_epsilon = 10.0
+        return twin
+
+    monkeypatch.setattr(twin_module, "_build", wrong_norms)
+    other, _ = tiny_model(n_layers=2, d_model=64, seed=3, dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match="differ from the bridge's by up to"):
+        assert plain_twin(other) is None
+    refused = twin_module.twin_verdict(other)
+    assert not refused.used and refused.largest_difference > refused.tolerance
+
+
+def test_info_says_whether_the_twin_is_used(tiny, monkeypatch, capsys):
+    from sims_lens import cli, models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: tiny)
+    assert cli.main(["info"]) == 0
+    assert "plain twin   used for sampling, capture and NLL (largest logit difference" in capsys.readouterr().out
