@@ -103,12 +103,12 @@ def nll_cached(
     model: Any,
     exchanges: Sequence[Exchange],
     pad_id: int,
-    batch_size: int,
+    batch_size: int | str,
     compute: Callable[[], list[float]],
 ) -> list[float]:
     """``compute()`` (the responses' mean NLL under the model as it is), read from the cache when it holds it."""
     inputs = {"exchanges": _encode_exchanges(exchanges), "pad": int(pad_id)}
-    key = _key(model, "nll", {**inputs, "batch_size": int(batch_size)})
+    key = _key(model, "nll", {**inputs, "batch_size": batch_size})
 
     def decode(entry: Any) -> list[float]:
         values = [float(v) for v in entry]

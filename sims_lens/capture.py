@@ -25,8 +25,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from sims_lens.batching import AUTO, BatchSize, fitted_batch_size, run_in_batches
 from sims_lens.chat import Exchange, left_pad
-from sims_lens.plain_twin import hooked_forward
+from sims_lens.packed_linear import packed_linears
+from sims_lens.plain_twin import forward_modules, hooked_forward
 from sims_lens.steering.functions import layer_of
 
 REDUCTIONS = ("mean", "last")
@@ -81,7 +83,7 @@ def capture_activations(
     exchanges: Sequence[Exchange],
     hooks: Sequence[str],
     pad_id: int,
-    batch_size: int = 16,
+    batch_size: BatchSize = AUTO,
     on_batch: Callable[[int], None] | None = None,
     *,
     end_ids: Collection[int] = (),
@@ -108,7 +110,9 @@ def capture_activations(
     device = next(model.parameters()).device
     tokens: list[Tensor] = []
     means: list[Tensor] = []
-    for chunk, ids, kwargs in padded_batches(exchanges, pad_id, batch_size, device):
+
+    def run(first: int, last: int) -> None:
+        [(chunk, ids, kwargs)] = padded_batches(exchanges[first:last], pad_id, last - first, device)
         width = ids.shape[1]
         spans = [(width - len(ex.response_ids), captured_length(ex.response_ids, end_ids)) for ex in chunk]
         reduced: dict[int, Tensor] = {}
@@ -125,7 +129,6 @@ def capture_activations(
         else:
             chunk_tokens = [torch.zeros(kept, 0, d_model) for _, kept in spans]
         del cache
-        tokens.extend(chunk_tokens)
         chunk_means = torch.zeros(len(chunk), len(mean_hooks), d_model)
         if shared:
             token_means = torch.stack([t.mean(0) for t in chunk_tokens])  # as reduce_tokens(..., "mean")
@@ -135,9 +138,15 @@ def capture_activations(
             if k not in reduced:
                 raise RuntimeError(f"hook point {name!r} did not fire in the forward pass; it cannot be observed")
             chunk_means[:, k] = reduced[k].cpu()
+        tokens.extend(chunk_tokens)
         means.append(chunk_means)
         if on_batch is not None:
             on_batch(len(chunk))
+
+    width = max(len(ex.ids) for ex in exchanges) if exchanges else 1
+    batch = fitted_batch_size(model, batch_size, "capture", len(exchanges), width)
+    with packed_linears(*forward_modules(model)):
+        run_in_batches(len(exchanges), batch, run, "capture")
     return Capture(tokens, torch.cat(means) if means else torch.zeros(0, len(mean_hooks), d_model))
 
 
@@ -187,7 +196,7 @@ def capture_tokens(
     exchanges: Sequence[Exchange],
     hooks: Sequence[str],
     pad_id: int,
-    batch_size: int = 16,
+    batch_size: BatchSize = AUTO,
     on_batch: Callable[[int], None] | None = None,
     *,
     end_ids: Collection[int] = (),
@@ -233,7 +242,7 @@ def capture(
     hooks: Sequence[str],
     pad_id: int,
     reduction: str = "mean",
-    batch_size: int = 16,
+    batch_size: BatchSize = AUTO,
     *,
     end_ids: Collection[int] = (),
 ) -> Float[Tensor, "n_samples n_hooks d_model"]:

@@ -19,7 +19,7 @@ import tomli_w
 from sims_lens.capture import REDUCTIONS
 from sims_lens.files import write_atomic
 from sims_lens.update_rules import DEFAULT_RATE, UPDATE_RULES
-from sims_lens.validation import ConfigError, check_field_types, rename_key
+from sims_lens.validation import ConfigError, check_field_types, is_int, rename_key
 from sims_lens.validation import require as _check
 
 RENAMED_KEYS = {"aggregation": "reduction"}
@@ -103,7 +103,10 @@ class SimsConfig:
     on_rejected: str = "keep"
     """After a rejected policy: "keep" goes on from the previous policy, "stop" ends the run there."""
     eval_samples_per_prompt: int = 2
-    batch_size: int = 16
+    batch_size: int | str = "auto"
+    """Rows per forward in sampling, capture and NLL: a number, or "auto": fitted to the device's free
+    memory and the work (:mod:`sims_lens.batching`; on the CPU at most 64 for sampling, 16 otherwise).
+    An out-of-memory error halves the batch and retries it."""
     contrast: ContrastConfig = field(default_factory=ContrastConfig)
     oracles: dict[str, dict[str, Any]] = field(default_factory=dict)
     learners: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -134,11 +137,16 @@ class SimsConfig:
             "max_new_tokens",
             "heldout_size",
             "eval_samples_per_prompt",
-            "batch_size",
             "pairs_per_prompt",
         ):
             value = getattr(self, key)
             _check(isinstance(value, int) and value >= 1, key, value, "an integer >= 1")
+        _check(
+            self.batch_size == "auto" or (is_int(self.batch_size) and int(self.batch_size) >= 1),
+            "batch_size",
+            self.batch_size,
+            'an integer >= 1 or "auto"',
+        )
         _check(
             isinstance(self.samples_per_prompt, int) and self.samples_per_prompt >= 2,
             "samples_per_prompt",

@@ -172,7 +172,11 @@ def _answer_all(
     """Every policy's answers for one run: base, iterations, baselines, then the scaled policies."""
     samples = settings.samples or config.eval_samples_per_prompt
     generation = GenerationSettings(
-        config.max_new_tokens, config.temperature, config.top_p, max(config.batch_size, 32), True
+        config.max_new_tokens,
+        config.temperature,
+        config.top_p,
+        config.batch_size if config.batch_size == "auto" else max(int(config.batch_size), 32),
+        True,
     )
     answer = _Answerer(model, tokenizer, prompts, samples, generation, derive_seed(config.seed, "eval"))
     out = {"base": answer("base", None)}

@@ -17,11 +17,13 @@ import numpy as np
 import torch
 
 from sims_lens.answer_cache import generate_cached, nll_cached
+from sims_lens.batching import AUTO, BatchSize, fitted_batch_size, run_in_batches
 from sims_lens.capture import padded_batches
 from sims_lens.chat import Exchange, encode_chat
 from sims_lens.generation import GenerationSettings, decode_response
 from sims_lens.groups import chunked
-from sims_lens.plain_twin import hooked_forward
+from sims_lens.packed_linear import packed_linears
+from sims_lens.plain_twin import forward_modules, hooked_forward
 from sims_lens.prompts import Prompt
 from sims_lens.seeds import derive_seed
 from sims_lens.stats import token_weighted_perplexity, win_outcomes
@@ -73,7 +75,7 @@ class Evaluation:
 
 
 @torch.no_grad()
-def response_nll(model: Any, exchanges: Sequence[Exchange], pad_id: int, batch_size: int = 16) -> list[float]:
+def response_nll(model: Any, exchanges: Sequence[Exchange], pad_id: int, batch_size: BatchSize = AUTO) -> list[float]:
     """Per response, the mean negative log-likelihood of its tokens under ``model`` (call it unsteered).
 
     Every token of ``response_ids`` is scored, the end token included when the response has one:
@@ -84,18 +86,28 @@ def response_nll(model: Any, exchanges: Sequence[Exchange], pad_id: int, batch_s
     return nll_cached(model, exchanges, pad_id, batch_size, lambda: _response_nll(model, exchanges, pad_id, batch_size))
 
 
-def _response_nll(model: Any, exchanges: Sequence[Exchange], pad_id: int, batch_size: int) -> list[float]:
+def _response_nll(model: Any, exchanges: Sequence[Exchange], pad_id: int, batch_size: BatchSize) -> list[float]:
     device = next(model.parameters()).device
     out: list[float] = []
-    with hooked_forward(model) as lm:  # the bridge's plain twin when no hook needs the bridge
-        for chunk, ids, kwargs in padded_batches(exchanges, pad_id, batch_size, device):
-            keep = 1 + max(len(ex.response_ids) for ex in chunk)  # logits of the positions that predict responses
-            logprobs = lm(input_ids=ids, use_cache=False, logits_to_keep=keep, **kwargs).logits.float().log_softmax(-1)
-            for row, ex in enumerate(chunk):  # logprobs[:, j] predicts token width - keep + j + 1
-                n = len(ex.response_ids)
-                targets = ids[row, ids.shape[1] - n :]
-                predicted = logprobs[row, keep - n - 1 : keep - 1]
-                out.append(float(-predicted.gather(-1, targets.unsqueeze(-1)).mean()))
+
+    def run(first: int, last: int) -> None:
+        [(chunk, ids, kwargs)] = padded_batches(exchanges[first:last], pad_id, last - first, device)
+        keep = 1 + max(len(ex.response_ids) for ex in chunk)  # logits of the positions that predict responses
+        logprobs = lm(input_ids=ids, use_cache=False, logits_to_keep=keep, **kwargs).logits.float().log_softmax(-1)
+        values = []
+        for row, ex in enumerate(chunk):  # logprobs[:, j] predicts token width - keep + j + 1
+            n = len(ex.response_ids)
+            targets = ids[row, ids.shape[1] - n :]
+            predicted = logprobs[row, keep - n - 1 : keep - 1]
+            values.append(float(-predicted.gather(-1, targets.unsqueeze(-1)).mean()))
+        out.extend(values)
+
+    width = max((len(ex.ids) for ex in exchanges), default=1)
+    kept = 1 + max((len(ex.response_ids) for ex in exchanges), default=0)
+    batch = fitted_batch_size(model, batch_size, "nll", len(exchanges), width, kept)
+    # the bridge's plain twin when no hook needs the bridge
+    with packed_linears(*forward_modules(model)), hooked_forward(model) as lm:
+        run_in_batches(len(exchanges), batch, run, "NLL")
     return out
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sims_lens.activations import PairActivations
+from sims_lens.batching import AUTO, BatchSize
 from sims_lens.capture import REDUCTIONS, capture_activations, pair_tokens
 from sims_lens.chat import Exchange, encode_chat, end_token_ids, response_ids_for_text
 from sims_lens.config import HOOK_SUFFIXES, parse_layers, resolve_layers
@@ -72,7 +73,7 @@ def capture_pairs(
     *,
     iteration: int = 0,
     observed: Sequence[str] = (),
-    batch_size: int = 16,
+    batch_size: BatchSize = AUTO,
     on_batch: Any = None,
 ) -> PairActivations:
     """Step 5: the *base* model's activations of paired responses (never steered), in one forward pass per batch.
@@ -117,7 +118,7 @@ def fit_pairs(
     *,
     multiplier: float = 1.0,
     positions: str = "auto",
-    batch_size: int = 16,
+    batch_size: BatchSize = AUTO,
 ) -> SteeringSet:
     """A steering set from your own ``(prompt, chosen, rejected)`` pairs, with the loop's capture and learners.
 

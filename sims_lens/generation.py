@@ -34,6 +34,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from sims_lens.batching import AUTO, BatchSize, check_batch_size, fitted_batch_size, run_in_batches
 from sims_lens.chat import Exchange, encode_chat, end_token_ids, left_pad, split_generated
 from sims_lens.kv_cache import growing_cache
 from sims_lens.packed_linear import packed_linears
@@ -44,12 +45,16 @@ from sims_lens.steering.positions import track_positions
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """How to sample: ``temperature == 0`` means greedy decoding."""
+    """How to sample: ``temperature == 0`` means greedy decoding.
+
+    ``batch_size``: rows per forward, or ``"auto"`` (:mod:`sims_lens.batching`). ``use_kv_cache``
+    and ``packed_weights`` switch off fast paths (the tests compare them with the simple path).
+    """
 
     max_new_tokens: int = 40
     temperature: float = 0.0
     top_p: float = 1.0
-    batch_size: int = 16
+    batch_size: BatchSize = AUTO
     use_kv_cache: bool = True
     packed_weights: bool = True
 
@@ -60,8 +65,7 @@ class GenerationSettings:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_batch_size(self.batch_size)
 
 
 @torch.inference_mode()
@@ -86,16 +90,20 @@ def generate_ids(
     uniforms = row_uniforms(len(prompts), settings, seed)
     order = batch_order(prompts)
     responses: dict[int, list[int]] = {}
+
+    def run(first: int, last: int) -> None:
+        rows = order[first:last]
+        batch_uniforms = None if uniforms is None else uniforms[rows]
+        tokens = _generate_batch(model, [prompts[i] for i in rows], batch_uniforms, settings, eos, pad_id)
+        for i, row_tokens in zip(rows, tokens, strict=True):
+            responses[i] = row_tokens
+        if on_batch is not None:
+            on_batch(len(rows))
+
+    longest = max(len(p) for p in prompts) + settings.max_new_tokens
+    batch = fitted_batch_size(model, settings.batch_size, "generate", len(prompts), longest)
     with packed_linears(*forward_modules(model), enabled=settings.packed_weights):
-        for start in range(0, len(order), settings.batch_size):
-            rows = order[start : start + settings.batch_size]
-            tokens = _generate_batch(
-                model, [prompts[i] for i in rows], None if uniforms is None else uniforms[rows], settings, eos, pad_id
-            )
-            for i, row_tokens in zip(rows, tokens, strict=True):
-                responses[i] = row_tokens
-            if on_batch is not None:
-                on_batch(len(rows))
+        run_in_batches(len(order), batch, run, "sampling")
     return [split_generated(list(p) + responses[i], len(p), [1] * len(p), eos) for i, p in enumerate(prompts)]
 
 

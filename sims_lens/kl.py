@@ -27,8 +27,10 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
+from sims_lens.batching import AUTO, BatchSize, fitted_batch_size, run_in_batches
 from sims_lens.chat import Exchange, left_pad
-from sims_lens.plain_twin import hooked_forward
+from sims_lens.packed_linear import packed_linears
+from sims_lens.plain_twin import forward_modules, hooked_forward
 from sims_lens.steering.functions import SteeringSet
 from sims_lens.steering.hooks import apply_steering
 from sims_lens.steering.positions import track_positions
@@ -42,7 +44,7 @@ def response_logprobs(
     temperature: float,
     *,
     steering: SteeringSet | None = None,
-    batch_size: int = 16,
+    batch_size: BatchSize = AUTO,
 ) -> Float[np.ndarray, " response"]:
     """Per response, ``sum_i log pi(y_i | x, y_<i)`` under ``model`` with ``steering`` on (None: unsteered).
 
@@ -54,9 +56,15 @@ def response_logprobs(
     device = next(model.parameters()).device
     out: list[float] = []
     active = apply_steering(model, steering) if steering is not None and len(steering) else nullcontext()
-    with active:
-        for start in range(0, len(exchanges), batch_size):
-            out.extend(_batch_logprobs(model, exchanges[start : start + batch_size], pad_id, temperature, device))
+    width = max((len(ex.ids) for ex in exchanges), default=1)
+    kept = 1 + max((len(ex.response_ids) for ex in exchanges), default=0)
+    batch = fitted_batch_size(model, batch_size, "nll", len(exchanges), width, kept)
+
+    def run(first: int, last: int) -> None:
+        out.extend(_batch_logprobs(model, exchanges[first:last], pad_id, temperature, device))
+
+    with active, packed_linears(*forward_modules(model)):
+        run_in_batches(len(exchanges), batch, run, "log-probabilities")
     return np.asarray(out, dtype=float)
 
 

@@ -39,6 +39,7 @@ from sims_lens.assemble import (
     resolve_oracle,
     resolve_prompts,
 )
+from sims_lens.batching import nominal
 from sims_lens.chat import Exchange, encode_chat
 from sims_lens.config import SimsConfig, resolve_layers, resolve_observe
 from sims_lens.contrast import MemoryBank, Sample, Selection, label_samples, select_pairs
@@ -538,7 +539,7 @@ class Sims:
         self, iteration: int, oracle: Any, prompts: Sequence[Prompt], responses: list[list[str]], as_policy: bool
     ) -> list[list[float]]:
         """An oracle's scores, a few prompts at a time (with a progress bar); as the policy if asked."""
-        step = max(1, self.config.batch_size // self.config.samples_per_prompt)
+        step = max(1, nominal(self.config.batch_size) // self.config.samples_per_prompt)
         scores: list[list[float]] = []
         policy = self._policy() if as_policy else nullcontext()
         with (
