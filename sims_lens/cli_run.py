@@ -11,7 +11,7 @@ from typing import Any
 
 from sims_lens.config import SimsConfig, load_config
 
-MODEL_HELP = "the embedded default, a Hugging Face hub name, a local HF folder or a .gguf file (the key model)"
+MODEL_HELP = "the embedded default, a hub name, a local HF folder, a .gguf file or random:SHAPE (the key model)"
 
 DEMO_OVERRIDES = [
     "iterations=3",
