@@ -4,8 +4,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN_DIR ?= runs/demo
+DEVICE_WHEELS ?= .device-wheels
 
-.PHONY: demo test unit integration lint install install-dev bench figures report clean
+.PHONY: demo test unit integration lint install install-dev bench device-wheels device-check figures report clean
 
 $(VENV)/.installed: pyproject.toml scripts/install.sh
 	VENV=$(VENV) scripts/install.sh
@@ -35,6 +36,13 @@ lint: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench.py
+
+# The GPU check (BENCHMARKS.md): download its wheels and tokenizer files here, run it on the GPU machine
+device-wheels: $(VENV)/.installed
+	$(PY) scripts/device_check.py wheels --folder $(DEVICE_WHEELS)
+
+device-check:
+	SIMS_LENS_WHEELS=$(abspath $(DEVICE_WHEELS)) bash scripts/device_check.sh
 
 figures: $(VENV)/.installed
 	VENV=$(VENV) scripts/install_figures.sh

@@ -18,7 +18,7 @@ repeats (best of N each), so drifting machine load hits both alike:
 It runs unchanged on a GPU (``--device auto`` picks CUDA, ``--dtype auto`` bfloat16 there). A
 benchmark, not a test: run it on an otherwise idle machine.
 
-    python benchmarks/bench.py [--device auto] [--dtype auto] [--repeats 3] [--out benchmarks/results]
+    python benchmarks/bench.py [--device auto] [--dtype auto] [--repeats 3] [--out benchmarks/results] [--model M]
 """
 
 from __future__ import annotations
@@ -288,6 +288,7 @@ def capture_memory(bench: Bench, args: argparse.Namespace) -> None:
     """
     for n in (16, 64, 256):
         command = [sys.executable, __file__, "--memory-child", str(n), "--device", args.device, "--dtype", args.dtype]
+        command += ["--model", args.model] if args.model else []
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         peak, kept = (float(x) for x in out.split())
         bench.add(Row("capture memory", f"{n} samples of ~40 tokens", peak, "MiB", note=f"result kept: {kept:.1f} MiB"))
@@ -298,8 +299,8 @@ def _status_kib(field: str) -> int:
     return int(line.split()[1])
 
 
-def memory_child(n: int, device: str, dtype: torch.dtype) -> None:
-    model, tok = load_model(None, dtype=dtype, device=device)
+def memory_child(n: int, device: str, dtype: torch.dtype, name: str | None = None) -> None:
+    model, tok = load_model(name, dtype=dtype, device=device)
     n_layers = int(model.cfg.n_layers)
     g = torch.Generator().manual_seed(0)
     prompts = prompt_ids(tok, n)
@@ -478,6 +479,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--model", default=None, help="the model (default: the embedded one), e.g. random:llama-3.2-1b")
     parser.add_argument(
         "--only", default="", help="comma-separated subset: sampler,steering,capture,memory,iteration,machine"
     )
@@ -486,19 +488,19 @@ def main() -> None:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if args.memory_child:
-        memory_child(args.memory_child, device, dtype)
+        memory_child(args.memory_child, device, dtype, args.model)
         return
-    model, tok = load_model(None, dtype=dtype, device=device)
+    model, tok = load_model(args.model, dtype=dtype, device=device)
     bench = Bench(model, tok, device, args.repeats)
     only = set(filter(None, args.only.split(",")))
     wanted = lambda name: not only or name in only  # noqa: E731
     print(
-        f"embedded model, {str(dtype).removeprefix('torch.')} on {device}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, best of {args.repeats} alternating repeats"
+        f"{args.model or 'embedded model'}, {str(dtype).removeprefix('torch.')} on {device}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, best of {args.repeats} alternating repeats"
     )
     print(f"{'benchmark':<24} {'case':<34} {'value':>10} {'unit':<9} {'peer':<34} {'ratio':>6}  note")
     if wanted("sampler") or wanted("machine"):
-        hf, _ = load_hf(resolve_source(None), dtype, device)  # a separate, un-bridged instance
+        hf, _ = load_hf(resolve_source(args.model), dtype, device)  # a separate, un-bridged instance
         sampler_vs_hf(bench, hf)
         del hf
     if wanted("steering"):
