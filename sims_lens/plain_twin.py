@@ -32,10 +32,9 @@ import torch
 from torch import Tensor, nn
 
 _WRAPPED = "._original_component"
-_TWINS: dict[int, tuple[Any, Twin | None]] = {}
-"""Built twins by ``id(bridge)`` (with the bridge itself, so a recycled id is noticed); None: not usable."""
-_VERDICTS: dict[int, TwinVerdict] = {}
-"""Why each built twin was accepted or not, by ``id(bridge)`` (kept with ``_TWINS``)."""
+_ATTRIBUTE = "_sims_lens_twin"
+"""Where a bridge keeps its built twin (None: not usable) and the verdict: in its ``__dict__``, so
+the twin lives and dies with the bridge and is not registered as a submodule."""
 
 
 Site = tuple[str, Any, str]
@@ -62,12 +61,11 @@ class TwinVerdict:
 
 def plain_twin(model: Any) -> Twin | None:
     """The checked plain twin of ``model`` (built on first use), or None where there is none."""
-    cached = _TWINS.get(id(model))
-    if cached is not None and cached[0] is model:
-        return cached[1]
+    cached = model.__dict__.get(_ATTRIBUTE)
+    if cached is not None:
+        return cached[0]
     twin, verdict = _build_checked(model)
-    _TWINS[id(model)] = (model, twin)
-    _VERDICTS[id(model)] = verdict
+    model.__dict__[_ATTRIBUTE] = (twin, verdict)
     return twin
 
 
@@ -76,7 +74,7 @@ def twin_verdict(model: Any) -> TwinVerdict:
     if getattr(model, "original_model", None) is None:
         return TwinVerdict(False, "not a TransformerBridge: its own module runs")
     plain_twin(model)
-    return _VERDICTS[id(model)]
+    return model.__dict__[_ATTRIBUTE][1]
 
 
 def tolerance(dtype: torch.dtype) -> tuple[float, float]:

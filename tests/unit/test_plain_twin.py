@@ -127,3 +127,19 @@ def test_info_says_whether_the_twin_is_used(tiny, monkeypatch, capsys):
     monkeypatch.setattr(models, "load_model", lambda *a, **k: tiny)
     assert cli.main(["info"]) == 0
     assert "plain twin   used for sampling, capture and NLL (largest logit difference" in capsys.readouterr().out
+
+
+def test_a_bridge_and_its_twin_are_freed_together():
+    """The twin is kept on the bridge, not in a module-level table that would keep every bridge alive."""
+    import gc
+    import weakref
+
+    from sims_lens.tiny import tiny_model
+
+    model, _ = tiny_model(n_layers=1, d_model=32, seed=4)
+    assert plain_twin(model) is not None
+    assert all(not name.startswith("_sims_lens") for name, _ in model.named_modules())  # not a submodule
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None
