@@ -171,7 +171,8 @@ def download_wheels(folder: Path, python_version: str, platforms: tuple[str, ...
     """Download the wheels ``env`` installs from, and copy the embedded tokenizer's files; print the size."""
     import importlib.metadata as metadata
 
-    from sims_lens.models import TOKENIZER_FILES, cached_folder_for, embedded_gguf_path
+    from sims_lens.model_files import cached_folder_for, embedded_gguf_path
+    from sims_lens.random_models import TOKENIZER_FILES
 
     folder.mkdir(parents=True, exist_ok=True)
     requirements = [f"{name}=={metadata.version(name)}" for name in PINNED_HERE] + list(REQUIRED_HERE)
@@ -514,7 +515,7 @@ def free(ctx: Context, keep: str | None = None) -> None:
 def environment_step(ctx: Context, notes: list[str]) -> list[dict[str, Any]]:
     import torch
 
-    from sims_lens.models import TOKENIZER_ENV
+    from sims_lens.random_models import TOKENIZER_ENV
 
     rows = [
         {"item": "python", "value": f"{platform.python_version()} ({sys.executable})"},
@@ -542,8 +543,9 @@ def build_step(ctx: Context, notes: list[str]) -> list[dict[str, Any]]:
     """Each shape through ``load_model("random:SHAPE")``, and whether its plain twin is accepted."""
     import torch
 
-    from sims_lens.models import RANDOM_SHAPES, load_model
+    from sims_lens.models import load_model
     from sims_lens.plain_twin import plain_twin, twin_verdict
+    from sims_lens.random_models import RANDOM_SHAPES
 
     rows = []
     for shape in ctx.sizes.shapes:
@@ -659,7 +661,7 @@ def iteration_step(ctx: Context, notes: list[str]) -> list[dict[str, Any]]:
 
 def run_step(ctx: Context, notes: list[str]) -> list[dict[str, Any]]:
     """``sims-lens run`` (as ``python -m sims_lens.cli run``) on a random-weight model, in a fresh process."""
-    from sims_lens.models import RANDOM_SHAPES
+    from sims_lens.random_models import RANDOM_SHAPES
 
     free(ctx)
     sizes = ctx.sizes

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from sims_lens import models
+from sims_lens import model_files, models
 from sims_lens.chat import Exchange, chat_text, encode_chat, left_pad, split_generated
 from sims_lens.generation import GenerationSettings, end_token_ids, generate_ids
 
@@ -224,7 +224,7 @@ def test_reader_exceptions_become_model_load_errors(monkeypatch, tmp_path: Path,
     import transformers
 
     bad = tmp_path / "odd.gguf"
-    bad.write_bytes(models.GGUF_MAGIC + b"\x03\x00\x00\x00" + b"\x00" * 64)
+    bad.write_bytes(model_files.GGUF_MAGIC + b"\x03\x00\x00\x00" + b"\x00" * 64)
 
     def broken(*args, **kwargs):
         raise KeyError("general.architecture")
@@ -253,7 +253,7 @@ def _fake_reader(monkeypatch, tmp_path: Path):
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tokenizer)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", model)
     gguf = tmp_path / "fake.gguf"
-    gguf.write_bytes(models.GGUF_MAGIC + b"\x00" * 64)
+    gguf.write_bytes(model_files.GGUF_MAGIC + b"\x00" * 64)
     return gguf
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sims_lens import models
-from sims_lens.models import RANDOM_SHAPES, ModelLoadError, ModelSource, random_config, random_model, random_source
+from sims_lens import models, random_models
+from sims_lens.model_files import ModelLoadError, ModelSource
+from sims_lens.random_models import RANDOM_SHAPES, random_config, random_model, random_source
 from sims_lens.tiny import tiny_tokenizer
 
 EMBEDDED_VOCAB = 49152
@@ -55,9 +56,9 @@ def test_a_folder_is_not_a_config_file(tmp_path: Path) -> None:
 def test_built_in_shapes_have_the_documented_parameter_counts(shape: str) -> None:
     count = meta_parameters(shape, EMBEDDED_VOCAB)
     assert count == RANDOM_SHAPES[shape].parameters
-    assert models.__doc__ is not None and f"{count:,}" in models.__doc__
+    assert random_models.__doc__ is not None and f"{count:,}" in random_models.__doc__
     if shape != "tiny":  # the table's last column: the real model, with Llama-3's vocabulary
-        assert f"{meta_parameters(shape, LLAMA3_VOCAB):,}" in models.__doc__
+        assert f"{meta_parameters(shape, LLAMA3_VOCAB):,}" in random_models.__doc__
 
 
 def test_the_llama_shapes_are_the_papers_models() -> None:
@@ -129,7 +130,7 @@ def test_a_config_json_file_is_a_shape(tmp_path: Path) -> None:
 
 
 def test_a_tokenizer_folder_without_files_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv(models.TOKENIZER_ENV, str(tmp_path))
+    monkeypatch.setenv(random_models.TOKENIZER_ENV, str(tmp_path))
     with pytest.raises(ModelLoadError, match="SIMS_LENS_TOKENIZER"):
         models.load_model("random:tiny", device="cpu")
 
@@ -138,20 +139,20 @@ def test_a_tokenizer_folder_without_files_is_refused(monkeypatch: pytest.MonkeyP
 def test_random_models_boot_with_the_embedded_tokenizer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from sims_lens import Sims
 
-    monkeypatch.delenv(models.TOKENIZER_ENV, raising=False)
+    monkeypatch.delenv(random_models.TOKENIZER_ENV, raising=False)
     model, tokenizer = models.load_model("random:tiny", device="cpu")
     assert len(tokenizer) == EMBEDDED_VOCAB == model.cfg.d_vocab
     assert model.cfg.n_layers == 2 and model.sims_lens_name == "random:tiny"
     sims = Sims(model, tokenizer, layers=[1], iterations=1, progress=False)
     assert sims.config.model == "random:tiny"  # a run folder names it, so it reloads
 
-    cache = models.embedded_files_folder()
+    cache = random_models.embedded_files_folder()
     carried = tmp_path / "tokenizer"
     carried.mkdir()
-    for name in models.TOKENIZER_FILES:
+    for name in random_models.TOKENIZER_FILES:
         if (cache / name).is_file():
             shutil.copy2(cache / name, carried / name)
-    monkeypatch.setenv(models.TOKENIZER_ENV, str(carried))
+    monkeypatch.setenv(random_models.TOKENIZER_ENV, str(carried))
     again, carried_tokenizer = models.load_model("random:tiny", device="cpu")
     assert carried_tokenizer.get_vocab() == tokenizer.get_vocab()
     assert carried_tokenizer.chat_template == tokenizer.chat_template
@@ -162,7 +163,7 @@ def test_random_models_boot_with_the_embedded_tokenizer(monkeypatch: pytest.Monk
 
 @pytest.mark.integration  # the embedded model's config.json
 def test_the_smollm2_shape_is_the_embedded_models_own(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(models.TOKENIZER_ENV, raising=False)
+    monkeypatch.delenv(random_models.TOKENIZER_ENV, raising=False)
     config = random_config(ModelSource("random", "random:smollm2-135m"), CountingTokenizer(EMBEDDED_VOCAB))
     assert (config.hidden_size, config.num_hidden_layers, config.num_key_value_heads) == (576, 30, 3)
     assert meta_parameters("smollm2-135m", EMBEDDED_VOCAB) == RANDOM_SHAPES["smollm2-135m"].parameters
