@@ -1,18 +1,19 @@
 """Linear layers multiplying by oneDNN-prepacked copies of their weights, for float32 on the CPU.
 
-Decoding multiplies a few dozen rows by every weight matrix once per step. MKL's ``sgemm`` (what
-``F.linear`` calls on the CPU) runs such skinny products at about half the rate it reaches on
-square ones; oneDNN with the weight reordered once into its blocked layout runs them about twice
-as fast (embedded model, 2 cores, batch 64: 74 against 189 GFLOP/s for the unembedding, 88 against
-185 for the MLP; BENCHMARKS.md). :func:`packed_linears` reorders every float32 ``nn.Linear``
-weight of the given modules on entry and multiplies by the copy inside the block.
+Decoding multiplies a few dozen rows by every weight matrix once per step. On this project's AMD
+EPYC machines MKL's ``sgemm`` (what ``F.linear`` calls on the CPU) runs such skinny products at
+about half the rate it reaches on square ones; oneDNN with the weight reordered once into its
+blocked layout runs them about twice as fast (embedded model, 2 cores, batch 64: 74 against 189
+GFLOP/s for the unembedding, 88 against 185 for the MLP; BENCHMARKS.md). Inside
+:func:`packed_linears` every float32 ``nn.Linear`` of the given modules reorders its weight on its
+first call and multiplies by the copy after that.
 
-The copies are made on entry and dropped on exit, so a weight edited between two blocks (in place,
-through ``.data``, anywhere) is always read fresh: packing the embedded model's 135M weights takes
-about 0.15 s, a small part of a generation. The products equal ``F.linear``'s up to float32
-rounding (a different summation order: ~1e-6 relative); greedy text is the same. Outside float32
-on the CPU, without oneDNN, under autograd, or where the copies would not fit in half of the free
-memory, nothing changes.
+The copies are made inside the block and dropped on exit, so a weight edited between two blocks
+(in place, through ``.data``, anywhere) is always read fresh: packing the embedded model's 135M
+weights takes about 0.15 s, a small part of a generation. The products equal ``F.linear``'s up to
+float32 rounding (a different summation order: ~1e-6 relative); greedy text is the same. Outside
+float32 on the CPU, without oneDNN, under autograd, or where the copies would not fit in half of
+the free memory, nothing changes.
 """
 
 from __future__ import annotations
@@ -62,10 +63,10 @@ def packed_linears(*modules: nn.Module, enabled: bool = True) -> Iterator[int]:
     if not enabled or not linears or 2 * size > free_bytes(torch.device("cpu")):
         yield 0
         return
-    packed = {key: torch.ops.mkldnn._reorder_linear_weight(w.detach(), 64) for key, w in weights.items()}
+    packed: dict[int, Tensor] = {}  # by id of the weight, packed on first use (capture never uses the unembedding)
     try:
         for m in linears:
-            m.forward = partial(_packed_forward, m, packed[id(m.weight)])  # type: ignore[method-assign]
+            m.forward = partial(_packed_forward, m, packed)  # type: ignore[method-assign]
             _ACTIVE.add(id(m))
         yield len(linears)
     finally:
@@ -74,12 +75,15 @@ def packed_linears(*modules: nn.Module, enabled: bool = True) -> Iterator[int]:
             _ACTIVE.discard(id(m))
 
 
-def _packed_forward(layer: nn.Linear, packed: Tensor, x: Tensor) -> Tensor:
+def _packed_forward(layer: nn.Linear, packed: dict[int, Tensor], x: Tensor) -> Tensor:
     """``layer(x)`` through the packed weight; the plain product where autograd or the input needs it."""
     if x.dtype != torch.float32 or x.device.type != "cpu" or (torch.is_grad_enabled() and _needs_grad(layer, x)):
         return F.linear(x, layer.weight, layer.bias)
+    key = id(layer.weight)
+    if key not in packed:
+        packed[key] = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), 64)
     bias: Any = None if layer.bias is None else layer.bias.detach()
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed[key], bias, "none", [], "")
 
 
 def _needs_grad(layer: nn.Linear, x: Tensor) -> bool:
