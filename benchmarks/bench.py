@@ -13,7 +13,10 @@ repeats (best of N each), so drifting machine load hits both alike:
 - what observing every layer adds to the largest of them (the capture's extra layers, the live
   analysis), against its wall time;
 - peak memory of a capture against the number of samples;
-- the machine's matmul rate, and the share of it the sampler reaches.
+- the machine's matmul rate (``torch.mm`` and, on the CPU, oneDNN with a prepacked weight), and the
+  share of the faster one the sampler reaches;
+- llama.cpp's ``llama-batched-bench`` on the same GGUF next to the sampler's greedy rows, where it
+  is installed (``benchmarks/llama_cpp_bench.py``).
 
 It runs unchanged on a GPU (``--device auto`` picks CUDA, ``--dtype auto`` bfloat16 there). A
 benchmark, not a test: run it on an otherwise idle machine.
@@ -38,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from llama_cpp_bench import batched_bench, find_batched_bench
 
 from sims_lens.capture import capture_activations, padded_batches
 from sims_lens.chat import Exchange, encode_chat, end_token_ids, left_pad, split_generated
@@ -45,6 +49,7 @@ from sims_lens.config import SimsConfig
 from sims_lens.generation import GenerationSettings, generate_ids
 from sims_lens.loop import sims_from_config
 from sims_lens.models import load_hf, load_model, resolve_device, resolve_dtype, resolve_source
+from sims_lens.packed_linear import packing_applies
 from sims_lens.prompts import load_prompts
 from sims_lens.steering.functions import SteeringFunction, SteeringSet
 from sims_lens.steering.hooks import apply_steering
@@ -328,7 +333,7 @@ def memory_child(n: int, device: str, dtype: torch.dtype, name: str | None = Non
 class PhaseTimer:
     """Wraps a Sims's step methods with timers (sample, score, select, capture, fit, evaluate)."""
 
-    PHASES = ("sample", "score", "select", "capture_pairs", "fit", "evaluate")
+    PHASES = ("sample", "score", "select", "capture", "fit", "evaluate")
 
     def __init__(self, sims: Any, sync: Callable[[], None]) -> None:
         self.seconds: dict[str, float] = {}
@@ -369,9 +374,7 @@ def iteration_phases(bench: Bench, sizes: list[tuple[int, int, int]]) -> tuple[A
         start = time.perf_counter()
         result = sims.step(1)
         total = time.perf_counter() - start
-        parts = ", ".join(
-            f"{name.removesuffix('_pairs')} {timer.seconds.get(name, 0.0):.1f}" for name in PhaseTimer.PHASES
-        )
+        parts = ", ".join(f"{name} {timer.seconds.get(name, 0.0):.1f}" for name in PhaseTimer.PHASES)
         other = total - sum(timer.seconds.values())
         bench.add(
             Row("SIMS iteration", f"N={n}, K={k}, {tokens} tokens", total, "s", note=f"{parts}, metrics {other:.1f} s")
@@ -439,25 +442,37 @@ def observation_cost(bench: Bench, result: Any, iteration_seconds: float) -> Non
 
 
 def matmul_rate(bench: Bench, sampler_tokens_per_second: float) -> None:
+    """The machine's 2048 x 2048 matmul rate through ``torch.mm`` and, on the CPU in float32, through
+    oneDNN with a prepacked weight (what the sampler multiplies with, :mod:`sims_lens.packed_linear`);
+    the ceiling takes the faster of the two."""
     dtype = next(bench.model.parameters()).dtype
     a = torch.randn(2048, 2048, device=bench.device, dtype=dtype)
     b = torch.randn(2048, 2048, device=bench.device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    best = 0.0
-    for _ in range(bench.repeats * 3):
-        bench.sync()
-        start = time.perf_counter()
-        for _ in range(5):
-            a @ b
-        bench.sync()
-        best = max(best, 5 * 2 * 2048**3 / (time.perf_counter() - start))
+    products: dict[str, Callable[[], Any]] = {"torch.mm": lambda: a @ b}
+    if packing_applies(b):
+        packed = torch.ops.mkldnn._reorder_linear_weight(b, 2048)
+        products["oneDNN, prepacked"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+    rates: dict[str, float] = {}
+    for name, product in products.items():
+        for _ in range(3):
+            product()
+        best = 0.0
+        for _ in range(bench.repeats * 3):
+            bench.sync()
+            start = time.perf_counter()
+            for _ in range(5):
+                product()
+            bench.sync()
+            best = max(best, 5 * 2 * 2048**3 / (time.perf_counter() - start))
+        rates[name] = best
+        note = f"{str(dtype).removeprefix('torch.')}, {name}"
+        bench.add(Row("machine", "matmul 2048x2048", best / 1e9, "GFLOP/s", note=note))
     params = sum(p.numel() for p in bench.model.parameters())  # tied unembedding counted once, used twice
     lm_head = int(bench.model.cfg.d_vocab) * int(bench.model.cfg.d_model)
     embed_tied = 1 if getattr(bench.model.cfg, "tie_word_embeddings", True) else 0
     flops_per_token = 2 * (params - lm_head * (1 - embed_tied))  # blocks + unembedding; the embedding is a lookup
-    ceiling = best / flops_per_token
-    bench.add(Row("machine", "matmul 2048x2048", best / 1e9, "GFLOP/s", note=f"{str(dtype).removeprefix('torch.')}"))
+    fastest = max(rates, key=rates.__getitem__)
+    ceiling = rates[fastest] / flops_per_token
     bench.add(
         Row(
             "machine",
@@ -467,9 +482,37 @@ def matmul_rate(bench: Bench, sampler_tokens_per_second: float) -> None:
             "matmul-bound ceiling",
             ceiling,
             sampler_tokens_per_second / ceiling,
-            f"{flops_per_token / 1e9:.2f} GFLOP/token",
+            f"{flops_per_token / 1e9:.2f} GFLOP/token at the {fastest} rate",
         )
     )
+
+
+def llama_cpp_vs_sampler(bench: Bench, args: argparse.Namespace) -> None:
+    """llama.cpp's ``llama-batched-bench`` on the same GGUF, next to the sampler's greedy rows (where installed)."""
+    binary = find_batched_bench()
+    source = resolve_source(args.model)
+    if binary is None or source.origin not in {"embedded", "gguf"} or source.path is None:
+        why = "not installed (see benchmarks/llama_cpp.py)" if binary is None else "the model has no GGUF"
+        print(f"llama.cpp: skipped, {why}")
+        return
+    prompts = prompt_ids(bench.tokenizer, 64)
+    prompt_tokens = round(sum(len(p) for p in prompts) / len(prompts))
+    results = batched_bench(binary, source.path, [1, 16, 64], prompt_tokens, 40, torch.get_num_threads())
+    ours = {int(r.case.split("batch ")[1].split(",")[0]): r.value for r in bench.rows if r.case.startswith("greedy")}
+    for result in results:
+        sampler = ours.get(result.batch)
+        bench.add(
+            Row(
+                "llama.cpp (Q4_1 GGUF)",
+                f"batch {result.batch}, {prompt_tokens}-token prompts, 40 tokens",
+                result.tokens_per_second,
+                "tokens/s",
+                "sampler (float32)" if sampler else "",
+                sampler,
+                None if sampler is None else sampler / result.tokens_per_second,
+                f"decoding alone {result.decode_tokens_per_second:.1f} tokens/s; ratio: sampler / llama.cpp",
+            )
+        )
 
 
 def main() -> None:
@@ -481,7 +524,7 @@ def main() -> None:
     parser.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help="the model (default: the embedded one), e.g. random:llama-3.2-1b")
     parser.add_argument(
-        "--only", default="", help="comma-separated subset: sampler,steering,capture,memory,iteration,machine"
+        "--only", default="", help="comma-separated subset: sampler,llamacpp,steering,capture,memory,iteration,machine"
     )
     args = parser.parse_args()
     os.environ["SIMS_LENS_ANSWER_CACHE"] = "off"  # measure the work, never read answers back
@@ -503,6 +546,8 @@ def main() -> None:
         hf, _ = load_hf(resolve_source(args.model), dtype, device)  # a separate, un-bridged instance
         sampler_vs_hf(bench, hf)
         del hf
+    if wanted("llamacpp"):
+        llama_cpp_vs_sampler(bench, args)
     if wanted("steering"):
         steered_vs_unsteered(bench)
     if wanted("capture"):
