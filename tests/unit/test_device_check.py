@@ -1,4 +1,4 @@
-"""scripts/device_check.py: what ``env`` installs, and the whole check at tiny sizes on the CPU."""
+"""scripts/device_check.py and device_wheels.py: what ``env`` installs, and the whole check at tiny sizes on the CPU."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("device_check", ROOT / "scripts" / "device_check.py")
+def load_script(name: str = "device_wheels") -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["device_check"] = module  # dataclasses look their module up
+    sys.modules[name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -103,6 +103,24 @@ def test_the_datasets_stand_in_imports_and_refuses_every_use(tmp_path: Path) -> 
         "no metadata",
         "refused: datasets is not installed on this machine (scripts/device_check.py stand-in)",
     ]
+
+
+def test_the_scripts_import_only_the_standard_library_at_start() -> None:
+    """``env`` runs before anything is installed: without site-packages (``-S``) both scripts still import."""
+    code = "import sys; sys.path.insert(0, 'scripts'); import device_check, device_wheels; print(device_check.main)"
+    done = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert callable(load_script("device_check").prepare_env)  # loaded by path, as here, it finds its sibling too
+
+
+def test_env_runs_as_a_script_from_another_folder(tmp_path: Path) -> None:
+    """As device_check.sh runs it: ``python scripts/device_check.py env`` finds device_wheels.py beside it."""
+    script = ROOT / "scripts" / "device_check.py"
+    command = [sys.executable, str(script), "env", "--wheels", str(tmp_path / "none"), "--site", str(tmp_path / "site")]
+    done = subprocess.run([*command, "--out", str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "install.md").read_text().startswith("## Install (no network)")
+    assert (tmp_path / "out" / "install.csv").is_file() and "tokenizer files: none carried" in done.stdout
 
 
 def rows(path: Path) -> list[dict[str, str]]:
