@@ -410,7 +410,7 @@ def observation_cost(bench: Bench, result: Any, iteration_seconds: float) -> Non
         {
             "all": seconds(
                 lambda: capture_activations(
-                    model, exchanges, result.hooks, pad, 16, end_ids=ends, mean_hooks=result.observed_hooks
+                    model, exchanges, result.hooks, pad, 16, end_ids=ends, mean_hooks=result.activations.observed_hooks
                 )
             ),
             "steered": seconds(lambda: capture_activations(model, exchanges, result.hooks, pad, 16, end_ids=ends)),
@@ -418,9 +418,13 @@ def observation_cost(bench: Bench, result: Any, iteration_seconds: float) -> Non
         bench.repeats,
     )
     capture_extra = best["steered"] - best["all"]
-    unobserved = dataclasses.replace(
-        result, observed_hooks=[], observed_positives=torch.zeros(0, 0, 0), observed_negatives=torch.zeros(0, 0, 0)
+    alone = dataclasses.replace(
+        result.activations,
+        observed_hooks=[],
+        observed_positives=torch.zeros(0, 0, 0),
+        observed_negatives=torch.zeros(0, 0, 0),
     )
+    unobserved = dataclasses.replace(result, activations=alone)
     analysis: dict[str, float] = {}
     for name, which in (("all", result), ("steered", unobserved)):
         with tempfile.TemporaryDirectory() as folder:
@@ -430,7 +434,7 @@ def observation_cost(bench: Bench, result: Any, iteration_seconds: float) -> Non
     bench.add(
         Row(
             "observing every layer",
-            f"{len(result.observed_hooks)} layers, {len(pairs)} pairs",
+            f"{len(result.activations.observed_hooks)} layers, {len(pairs)} pairs",
             extra,
             "s",
             "the iteration",
