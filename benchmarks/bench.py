@@ -331,9 +331,9 @@ def memory_child(n: int, device: str, dtype: torch.dtype, name: str | None = Non
 
 
 class PhaseTimer:
-    """Wraps a Sims's step methods with timers (sample, score, select, capture, fit, evaluate)."""
+    """Wraps a Sims's step methods with synchronised wall-clock timers, one per phase of ``Sims.step``."""
 
-    PHASES = ("sample", "score", "select", "capture", "fit", "evaluate")
+    PHASES = ("prompts", "sample", "score", "select", "capture", "fit", "guard", "evaluate")
 
     def __init__(self, sims: Any, sync: Callable[[], None]) -> None:
         self.seconds: dict[str, float] = {}
@@ -377,7 +377,7 @@ def iteration_phases(bench: Bench, sizes: list[tuple[int, int, int]]) -> tuple[A
         parts = ", ".join(f"{name} {timer.seconds.get(name, 0.0):.1f}" for name in PhaseTimer.PHASES)
         other = total - sum(timer.seconds.values())
         bench.add(
-            Row("SIMS iteration", f"N={n}, K={k}, {tokens} tokens", total, "s", note=f"{parts}, metrics {other:.1f} s")
+            Row("SIMS iteration", f"N={n}, K={k}, {tokens} tokens", total, "s", note=f"{parts}, other {other:.1f} s")
         )
     return result, total
 

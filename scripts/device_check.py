@@ -43,6 +43,8 @@ from typing import Any
 SCRIPTS = str(Path(__file__).resolve().parent)
 if SCRIPTS not in sys.path:  # run as a script it is there; loaded by path (the tests) it may not be
     sys.path.insert(0, SCRIPTS)
+BENCHMARKS = str(Path(SCRIPTS).parent / "benchmarks")
+"""benchmarks/: its PhaseTimer times the iteration's phases here as in ``make bench``."""
 # scripts/device_wheels.py: the work of wheels and env; it imports the standard library only, as this file does
 from device_wheels import (  # noqa: E402
     DEVICE_PLATFORMS,
@@ -338,29 +340,6 @@ def build_step(ctx: Context, notes: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
-class PhaseTimer:
-    """Wraps one Sims object's step methods with synchronised wall-clock timers."""
-
-    PHASES = ("prompts", "sample", "score", "select", "capture", "fit", "guard", "evaluate")
-
-    def __init__(self, sims: Any, sync: Callable[[], None]) -> None:
-        self.seconds: dict[str, float] = {}
-        for name in self.PHASES:
-            setattr(sims, name, self._timed(name, getattr(sims, name), sync))
-
-    def _timed(self, name: str, fn: Callable[..., Any], sync: Callable[[], None]) -> Callable[..., Any]:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            sync()
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                sync()
-                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-        return timed
-
-
 def iteration_step(ctx: Context, notes: list[str]) -> list[dict[str, Any]]:
     """One SIMS iteration through the Python API, timed by phase, with the memory peak."""
     from sims_lens import Sims
@@ -386,6 +365,10 @@ def iteration_step(ctx: Context, notes: list[str]) -> list[dict[str, Any]]:
     sims.prepare()
     ctx.sync()
     prepared = time.perf_counter() - start
+    if BENCHMARKS not in sys.path:
+        sys.path.insert(0, BENCHMARKS)
+    from bench import PhaseTimer
+
     timer = PhaseTimer(sims, ctx.sync)
     start = time.perf_counter()
     result = sims.step(1)
