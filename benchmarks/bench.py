@@ -496,7 +496,7 @@ def llama_cpp_vs_sampler(bench: Bench, args: argparse.Namespace) -> None:
     binary = find_batched_bench()
     source = resolve_source(args.model)
     if binary is None or source.origin not in {"embedded", "gguf"} or source.path is None:
-        why = "not installed (see benchmarks/llama_cpp.py)" if binary is None else "the model has no GGUF"
+        why = "not installed (see benchmarks/llama_cpp_bench.py)" if binary is None else "the model has no GGUF"
         print(f"llama.cpp: skipped, {why}")
         return
     prompts = prompt_ids(bench.tokenizer, 64)

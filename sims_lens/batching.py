@@ -8,7 +8,8 @@ rows. On the CPU the cap is what runs fastest (BENCHMARKS.md: batch 64 samples 1
 per second of batch 16), not memory. A number is used as given.
 
 Whatever the size, :func:`run_in_batches` catches an out-of-memory error, halves the batch and
-runs it again, so a misjudged size costs one retry instead of the run. Every batch's result is
+runs it again, so a misjudged size costs one retry instead of the run (on CUDA and MPS; on a Linux
+host the kernel usually ends a process that runs out of memory before torch can raise). Every batch's result is
 independent of the batch it ran in (ARCHITECTURE.md, "Sampling"), so a retry changes nothing.
 """
 
@@ -57,12 +58,14 @@ def nominal(batch_size: BatchSize) -> int:
 
 
 def fitted_batch_size(model: Any, batch_size: BatchSize, work: Work, rows: int, tokens: int, kept: int = 1) -> int:
-    """The batch size for ``rows`` rows of up to ``tokens`` tokens (``kept``: positions whose logits are kept).
+    """The batch size for ``rows`` rows of up to ``tokens`` tokens (``kept``: for NLL the positions whose
+    logits are kept, for capture the hooks whose activations are kept).
 
     A number is returned as given (capped at ``rows``); ``"auto"`` fits :func:`bytes_per_row` into
     :data:`MEMORY_SHARE` of the free memory of the model's device, within :data:`CAPS`.
     """
     rows = max(1, rows)
+    check_batch_size(batch_size)
     if batch_size != AUTO:
         return max(1, min(int(batch_size), rows))
     device = next(model.parameters()).device
@@ -78,8 +81,11 @@ def bytes_per_row(model: Any, work: Work, tokens: int, kept: int = 1) -> int:
     - a forward holds about one layer's activations at a time: the residual stream and its copies
       (``8 x d_model``), the MLP's hidden layers (``3 x d_mlp``) and eager attention's scores
       (``heads x tokens`` per token, where the bridge runs instead of the twin);
+    - sampling's choice of a token: top-p over the whole vocabulary sorts it in float64 (``64 x
+      d_vocab`` bytes with the softmax, the sort and the cumulative sum);
     - the logits of ``kept`` positions in float32 and their log-softmax (``2 x 4 x d_vocab``
-      bytes each); capture stops before the unembedding but keeps the captured activations.
+      bytes each); capture stops before the unembedding but keeps the activations of ``kept``
+      hooks, twice while it stacks them.
     """
     cfg = model.cfg
     size = next(model.parameters()).element_size()
@@ -90,10 +96,10 @@ def bytes_per_row(model: Any, work: Work, tokens: int, kept: int = 1) -> int:
     layer = tokens * (8 * int(cfg.d_model) + 3 * d_mlp + heads * tokens) * size
     if work == "generate":
         cache = 2 * int(cfg.n_layers) * kv_heads * head_dim * tokens * size
-        return cache + layer + 2 * 4 * int(cfg.d_vocab)
+        return cache + layer + 64 * int(cfg.d_vocab)
     if work == "nll":
         return layer + 2 * 4 * int(cfg.d_vocab) * kept
-    return layer + 4 * int(cfg.d_model) * tokens * 2
+    return layer + 2 * 4 * int(cfg.d_model) * tokens * max(1, kept)
 
 
 def run_in_batches(n: int, batch_size: int, run: Callable[[int, int], None], what: str) -> None:

@@ -144,7 +144,7 @@ def capture_activations(
             on_batch(len(chunk))
 
     width = max(len(ex.ids) for ex in exchanges) if exchanges else 1
-    batch = fitted_batch_size(model, batch_size, "capture", len(exchanges), width)
+    batch = fitted_batch_size(model, batch_size, "capture", len(exchanges), width, len(hooks) + len(mean_hooks))
     with packed_linears(*forward_modules(model)):
         run_in_batches(len(exchanges), batch, run, "capture")
     return Capture(tokens, torch.cat(means) if means else torch.zeros(0, len(mean_hooks), d_model))

@@ -10,6 +10,9 @@ sums and recomputes them only for a tensor that changed. A tensor counts as unch
   step, ``copy_``, ``w[i] = x`` or ``add_`` under ``no_grad``, ``load_state_dict``) bumps it,
 - and :data:`PROBE` elements spread evenly over it are the same.
 
+Inference tensors (made under ``torch.inference_mode``) have no version counter: they are read in
+full every time.
+
 Edits through ``.data`` bypass the version counter (``w.data`` is a new tensor with its own): the
 probe sees those that touch a probed element or change many (a scaled row, a whole matrix copied
 in), but a single edited element elsewhere goes unseen. After such an edit call :func:`forget` (or
@@ -77,6 +80,8 @@ def forget(model: Any | None = None) -> None:
 
 def _sums_of(tensor: Tensor) -> list[float]:
     flat = tensor.detach().reshape(-1)
+    if tensor.is_inference():  # no version counter to trust: read it every time
+        return tensor_sums(flat)
     stamp = (tensor.data_ptr(), tensor._version, tuple(tensor.shape), tensor.dtype, tensor.device)
     probe = flat[_probe_index(flat.numel(), flat.device)].clone()
     known = _KNOWN.get(id(tensor))

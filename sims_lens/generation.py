@@ -220,6 +220,14 @@ def _forward(
     return out.logits[:, -1].float(), out.past_key_values if cache is not None else None
 
 
+def _sliding(model: Any) -> bool:
+    """Whether ``model`` has sliding-window attention: its window counts cache columns, so padding
+    between a shared prefix and a row's rest would move the prefix out of it (plain left padding then)."""
+    config = getattr(getattr(model, "original_model", model), "config", None)
+    types = getattr(config, "layer_types", None) or []
+    return bool(getattr(config, "sliding_window", None)) or any("sliding" in str(t) for t in types)
+
+
 def _prefill(lm: Any, ids: Int[Tensor, "1 pos"], cache: Any) -> Any:
     """The KV cache after ``ids`` (one unpadded row), through the decoder alone: its logits are not needed."""
     positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
@@ -239,7 +247,7 @@ def _generate_batch(
     device = next(model.parameters()).device
     unique: dict[tuple[int, ...], int] = {}
     expand = torch.tensor([unique.setdefault(tuple(p), len(unique)) for p in prompts])
-    shared = shared_prefix_length(list(unique)) if settings.use_kv_cache else 0
+    shared = shared_prefix_length(list(unique)) if settings.use_kv_cache and not _sliding(model) else 0
     ids, mask = prefix_first_pad(list(unique), shared, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     ends = torch.tensor(eos, dtype=torch.long, device=device)

@@ -48,8 +48,8 @@ def response_logprobs(
 ) -> Float[np.ndarray, " response"]:
     """Per response, ``sum_i log pi(y_i | x, y_<i)`` under ``model`` with ``steering`` on (None: unsteered).
 
-    The batch is laid out as generation lays it out (left-padded prompts, then the responses), under
-    the same position tracking, so a steering hook edits the positions it edited while sampling.
+    The batch is left-padded prompts, then the responses, under the same position tracking as
+    generation, so a steering hook edits the positions it edited while sampling.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 to score log-probabilities, got {temperature!r}")

@@ -9,16 +9,17 @@ import torch
 
 
 def free_bytes(device: torch.device | str) -> int:
-    """Bytes that can still be allocated on ``device``: CUDA's free memory, else the host's available memory.
+    """Bytes that can still be allocated on ``device``: CUDA's free memory (plus what torch's allocator
+    holds unused), else the host's available memory.
 
     On the host: ``MemAvailable`` of ``/proc/meminfo``, capped by a cgroup (v2) limit where one is
     set (a container's limit is what an allocation runs into); where neither is readable, the
     physical memory.
     """
     device = torch.device(device)
-    if device.type == "cuda":
+    if device.type == "cuda":  # the allocator's reserved but unused memory is free to it
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     available = _meminfo_available()
     limit = _cgroup_room()
     candidates = [v for v in (available, limit) if v is not None]

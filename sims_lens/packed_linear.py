@@ -12,8 +12,9 @@ The copies are made inside the block and dropped on exit, so a weight edited bet
 (in place, through ``.data``, anywhere) is always read fresh: packing the embedded model's 135M
 weights takes about 0.15 s, a small part of a generation. The products equal ``F.linear``'s up to
 float32 rounding (a different summation order: ~1e-6 relative); greedy text is the same. Outside
-float32 on the CPU, without oneDNN, under autograd, or where the copies would not fit in half of
-the free memory, nothing changes.
+float32 on the CPU, without oneDNN (or its reorder), under autograd, for a layer whose ``forward`` is
+already replaced (accelerate's hooks, a user's patch), or where the copies would not fit in half
+of the free memory, nothing changes.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def packed_linears(*modules: nn.Module, enabled: bool = True) -> Iterator[int]:
         m
         for module in modules
         for m in module.modules()
-        if type(m) is nn.Linear and id(m) not in _ACTIVE and packing_applies(m.weight)
+        if type(m) is nn.Linear and id(m) not in _ACTIVE and "forward" not in m.__dict__ and packing_applies(m.weight)
     ]
     linears = list({id(m): m for m in linears}.values())
     weights = {id(m.weight): m.weight for m in linears}
@@ -63,7 +64,9 @@ def packed_linears(*modules: nn.Module, enabled: bool = True) -> Iterator[int]:
     if not enabled or not linears or 2 * size > free_bytes(torch.device("cpu")):
         yield 0
         return
-    packed: dict[int, Tensor] = {}  # by id of the weight, packed on first use (capture never uses the unembedding)
+    packed: dict[
+        int, Tensor | None
+    ] = {}  # by id of the weight, packed on first use (capture never uses the unembedding)
     try:
         for m in linears:
             m.forward = partial(_packed_forward, m, packed)  # type: ignore[method-assign]
@@ -75,15 +78,21 @@ def packed_linears(*modules: nn.Module, enabled: bool = True) -> Iterator[int]:
             _ACTIVE.discard(id(m))
 
 
-def _packed_forward(layer: nn.Linear, packed: dict[int, Tensor], x: Tensor) -> Tensor:
+def _packed_forward(layer: nn.Linear, packed: dict[int, Tensor | None], x: Tensor) -> Tensor:
     """``layer(x)`` through the packed weight; the plain product where autograd or the input needs it."""
     if x.dtype != torch.float32 or x.device.type != "cpu" or (torch.is_grad_enabled() and _needs_grad(layer, x)):
         return F.linear(x, layer.weight, layer.bias)
     key = id(layer.weight)
     if key not in packed:
-        packed[key] = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), 64)
+        try:
+            packed[key] = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), 64)
+        except (RuntimeError, AttributeError, NotImplementedError):  # a build whose oneDNN lacks the op
+            packed[key] = None
+    weight = packed[key]
+    if weight is None:
+        return F.linear(x, layer.weight, layer.bias)
     bias: Any = None if layer.bias is None else layer.bias.detach()
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed[key], bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
 
 
 def _needs_grad(layer: nn.Linear, x: Tensor) -> bool:

@@ -227,3 +227,31 @@ def test_prepacked_weights_give_the_plain_products_text_and_follow_edits(tiny):
     finally:
         weight.data.copy_(original)
     assert edited != generate_ids(model, tok, ids, plain)
+
+
+def test_sliding_window_models_keep_plain_left_padding(tiny, monkeypatch):
+    """A sliding window counts cache columns: padding after a shared prefix would shift it, so no sharing."""
+    model, tok = tiny
+    ids = [encode_chat(tok, p) for p in PROMPTS[:3]]
+    monkeypatch.setattr(model.original_model.config, "sliding_window", 4096, raising=False)
+    forwards: list[tuple[int, int]] = []
+    with model.hooks(fwd_hooks=[("hook_embed", lambda act, hook: forwards.append(tuple(act.shape[:2])))]):
+        generate_ids(model, tok, ids, GenerationSettings(max_new_tokens=2))
+    assert forwards[0] == (3, max(len(p) for p in ids))
+
+
+def test_a_linear_whose_forward_is_already_replaced_is_left_alone():
+    from sims_lens.packed_linear import packed_linears
+
+    layer = torch.nn.Linear(8, 4)
+    calls: list[int] = []
+    original = layer.forward
+
+    def patched(x):
+        calls.append(1)
+        return original(x)
+
+    layer.forward = patched
+    with packed_linears(layer) as switched:
+        layer(torch.randn(2, 8))
+    assert switched == 0 and calls == [1] and layer.forward is patched
