@@ -157,6 +157,16 @@ class Sizes:
     bench_args: tuple[str, ...]
 
 
+TINY_WORK = {
+    "prompts_per_iteration": 4,
+    "samples_per_prompt": 4,
+    "max_new_tokens": 16,
+    "heldout_size": 4,
+    "eval_samples_per_prompt": 1,
+    "validation_size": 4,
+    "top_p": 1.0,  # a random model's flat distribution makes top-p sort the whole vocabulary: slow on a CPU
+}
+"""The tiny sizes' work, for the iteration and the run alike."""
 SIZES = {
     "full": Sizes(
         shapes=("smollm2-135m", "llama-3.2-1b", "llama-3-8b"),
@@ -177,26 +187,9 @@ SIZES = {
     "tiny": Sizes(
         shapes=("tiny",),
         iteration_model="tiny",
-        iteration={
-            "prompts_per_iteration": 4,
-            "samples_per_prompt": 4,
-            "max_new_tokens": 16,
-            "heldout_size": 4,
-            "eval_samples_per_prompt": 1,
-            "validation_size": 4,
-            "top_p": 1.0,  # a random model's flat distribution makes top-p sort the whole vocabulary: slow on a CPU
-        },
+        iteration=TINY_WORK,
         run_model="tiny",
-        run={
-            "iterations": 1,
-            "prompts_per_iteration": 4,
-            "samples_per_prompt": 4,
-            "max_new_tokens": 16,
-            "heldout_size": 4,
-            "eval_samples_per_prompt": 1,
-            "validation_size": 4,
-            "top_p": 1.0,
-        },
+        run={"iterations": 1, **TINY_WORK},
         bench_model="tiny",
         bench_args=("--only", "steering", "--repeats", "1"),
     ),

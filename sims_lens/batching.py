@@ -8,15 +8,16 @@ rows. On the CPU the cap is what runs fastest (BENCHMARKS.md: batch 64 samples 1
 per second of batch 16), not memory. A number is used as given.
 
 Whatever the size, :func:`run_in_batches` catches an out-of-memory error, halves the batch and
-runs it again, so a misjudged size costs one retry instead of the run (on CUDA and MPS; on a Linux
-host the kernel usually ends a process that runs out of memory before torch can raise). Every batch's result is
-independent of the batch it ran in (ARCHITECTURE.md, "Sampling"), so a retry changes nothing.
+runs it again, so a misjudged size costs one retry instead of the run (on CUDA and MPS; on a
+Linux host the kernel usually ends a process that runs out of memory before torch can raise).
+Every batch's result is independent of the batch it ran in (ARCHITECTURE.md, "Sampling"), so a
+retry changes nothing.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -72,6 +73,14 @@ def fitted_batch_size(model: Any, batch_size: BatchSize, work: Work, rows: int, 
     cap = CAPS.get(device.type, CAPS["cpu"])[work]
     fits = int(MEMORY_SHARE * free_bytes(device) // bytes_per_row(model, work, tokens, kept))
     return max(1, min(cap, rows, fits))
+
+
+def exchange_batch_size(model: Any, batch_size: BatchSize, work: Work, exchanges: Sequence[Any], hooks: int = 0) -> int:
+    """:func:`fitted_batch_size` for a forward over whole exchanges (prompt and response): capture
+    keeping ``hooks`` hooks' activations, or NLL keeping the logits of the longest response."""
+    longest = max((len(ex.ids) for ex in exchanges), default=1)
+    kept = hooks if work == "capture" else 1 + max((len(ex.response_ids) for ex in exchanges), default=0)
+    return fitted_batch_size(model, batch_size, work, len(exchanges), longest, kept)
 
 
 def bytes_per_row(model: Any, work: Work, tokens: int, kept: int = 1) -> int:

@@ -25,10 +25,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from sims_lens.batching import AUTO, BatchSize, fitted_batch_size, run_in_batches
+from sims_lens.batching import AUTO, BatchSize, exchange_batch_size, run_in_batches
 from sims_lens.chat import Exchange, left_pad
-from sims_lens.packed_linear import packed_linears
-from sims_lens.plain_twin import forward_modules, hooked_forward
+from sims_lens.plain_twin import hooked_forward, packed_weights
 from sims_lens.steering.functions import layer_of
 
 REDUCTIONS = ("mean", "last")
@@ -143,9 +142,8 @@ def capture_activations(
         if on_batch is not None:
             on_batch(len(chunk))
 
-    width = max(len(ex.ids) for ex in exchanges) if exchanges else 1
-    batch = fitted_batch_size(model, batch_size, "capture", len(exchanges), width, len(hooks) + len(mean_hooks))
-    with packed_linears(*forward_modules(model)):
+    batch = exchange_batch_size(model, batch_size, "capture", exchanges, len(hooks) + len(mean_hooks))
+    with packed_weights(model):
         run_in_batches(len(exchanges), batch, run, "capture")
     return Capture(tokens, torch.cat(means) if means else torch.zeros(0, len(mean_hooks), d_model))
 

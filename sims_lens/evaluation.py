@@ -17,13 +17,12 @@ import numpy as np
 import torch
 
 from sims_lens.answer_cache import generate_cached, nll_cached
-from sims_lens.batching import AUTO, BatchSize, fitted_batch_size, run_in_batches
+from sims_lens.batching import AUTO, BatchSize, exchange_batch_size, run_in_batches
 from sims_lens.capture import padded_batches
 from sims_lens.chat import Exchange, encode_chat
 from sims_lens.generation import GenerationSettings, decode_response
 from sims_lens.groups import chunked
-from sims_lens.packed_linear import packed_linears
-from sims_lens.plain_twin import forward_modules, hooked_forward
+from sims_lens.plain_twin import hooked_forward, packed_weights
 from sims_lens.prompts import Prompt
 from sims_lens.seeds import derive_seed
 from sims_lens.stats import token_weighted_perplexity, win_outcomes
@@ -102,11 +101,9 @@ def _response_nll(model: Any, exchanges: Sequence[Exchange], pad_id: int, batch_
             values.append(float(-predicted.gather(-1, targets.unsqueeze(-1)).mean()))
         out.extend(values)
 
-    width = max((len(ex.ids) for ex in exchanges), default=1)
-    kept = 1 + max((len(ex.response_ids) for ex in exchanges), default=0)
-    batch = fitted_batch_size(model, batch_size, "nll", len(exchanges), width, kept)
+    batch = exchange_batch_size(model, batch_size, "nll", exchanges)
     # the bridge's plain twin when no hook needs the bridge
-    with packed_linears(*forward_modules(model)), hooked_forward(model) as lm:
+    with packed_weights(model), hooked_forward(model) as lm:
         run_in_batches(len(exchanges), batch, run, "NLL")
     return out
 

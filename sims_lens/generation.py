@@ -37,8 +37,7 @@ from torch import Tensor
 from sims_lens.batching import AUTO, BatchSize, check_batch_size, fitted_batch_size, run_in_batches
 from sims_lens.chat import Exchange, encode_chat, end_token_ids, left_pad, split_generated
 from sims_lens.kv_cache import growing_cache
-from sims_lens.packed_linear import packed_linears
-from sims_lens.plain_twin import forward_modules, hooked_forward
+from sims_lens.plain_twin import hooked_forward, packed_weights
 from sims_lens.seeds import derive_seed
 from sims_lens.steering.positions import track_positions
 
@@ -102,7 +101,7 @@ def generate_ids(
 
     longest = max(len(p) for p in prompts) + settings.max_new_tokens
     batch = fitted_batch_size(model, settings.batch_size, "generate", len(prompts), longest)
-    with packed_linears(*forward_modules(model), enabled=settings.packed_weights):
+    with packed_weights(model, enabled=settings.packed_weights):
         run_in_batches(len(order), batch, run, "sampling")
     return [split_generated(list(p) + responses[i], len(p), [1] * len(p), eos) for i, p in enumerate(prompts)]
 

@@ -27,10 +27,9 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
-from sims_lens.batching import AUTO, BatchSize, fitted_batch_size, run_in_batches
+from sims_lens.batching import AUTO, BatchSize, exchange_batch_size, run_in_batches
 from sims_lens.chat import Exchange, left_pad
-from sims_lens.packed_linear import packed_linears
-from sims_lens.plain_twin import forward_modules, hooked_forward
+from sims_lens.plain_twin import hooked_forward, packed_weights
 from sims_lens.steering.functions import SteeringSet
 from sims_lens.steering.hooks import apply_steering
 from sims_lens.steering.positions import track_positions
@@ -56,14 +55,12 @@ def response_logprobs(
     device = next(model.parameters()).device
     out: list[float] = []
     active = apply_steering(model, steering) if steering is not None and len(steering) else nullcontext()
-    width = max((len(ex.ids) for ex in exchanges), default=1)
-    kept = 1 + max((len(ex.response_ids) for ex in exchanges), default=0)
-    batch = fitted_batch_size(model, batch_size, "nll", len(exchanges), width, kept)
+    batch = exchange_batch_size(model, batch_size, "nll", exchanges)
 
     def run(first: int, last: int) -> None:
         out.extend(_batch_logprobs(model, exchanges[first:last], pad_id, temperature, device))
 
-    with active, packed_linears(*forward_modules(model)):
+    with active, packed_weights(model):
         run_in_batches(len(exchanges), batch, run, "log-probabilities")
     return np.asarray(out, dtype=float)
 

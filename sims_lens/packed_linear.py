@@ -12,9 +12,9 @@ The copies are made inside the block and dropped on exit, so a weight edited bet
 (in place, through ``.data``, anywhere) is always read fresh: packing the embedded model's 135M
 weights takes about 0.15 s, a small part of a generation. The products equal ``F.linear``'s up to
 float32 rounding (a different summation order: ~1e-6 relative); greedy text is the same. Outside
-float32 on the CPU, without oneDNN (or its reorder), under autograd, for a layer whose ``forward`` is
-already replaced (accelerate's hooks, a user's patch), or where the copies would not fit in half
-of the free memory, nothing changes.
+float32 on the CPU, without oneDNN (or its reorder), under autograd, for a layer whose
+``forward`` is already replaced (accelerate's hooks, a user's patch), or where the copies would
+not fit in half of the free memory, nothing changes.
 """
 
 from __future__ import annotations
@@ -29,9 +29,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sims_lens.memory import free_bytes
-
-_ACTIVE: set[int] = set()
-"""``id`` of the linears currently multiplying by a packed copy (nested blocks leave them be)."""
 
 
 def packing_applies(weight: Tensor) -> bool:
@@ -56,7 +53,8 @@ def packed_linears(*modules: nn.Module, enabled: bool = True) -> Iterator[int]:
         m
         for module in modules
         for m in module.modules()
-        if type(m) is nn.Linear and id(m) not in _ACTIVE and "forward" not in m.__dict__ and packing_applies(m.weight)
+        # a forward of its own: switched by an outer block, or replaced by someone else; left be
+        if type(m) is nn.Linear and "forward" not in m.__dict__ and packing_applies(m.weight)
     ]
     linears = list({id(m): m for m in linears}.values())
     weights = {id(m.weight): m.weight for m in linears}
@@ -64,18 +62,15 @@ def packed_linears(*modules: nn.Module, enabled: bool = True) -> Iterator[int]:
     if not enabled or not linears or 2 * size > free_bytes(torch.device("cpu")):
         yield 0
         return
-    packed: dict[
-        int, Tensor | None
-    ] = {}  # by id of the weight, packed on first use (capture never uses the unembedding)
+    # by id of the weight, packed on first use (a capture never uses the unembedding)
+    packed: dict[int, Tensor | None] = {}
     try:
         for m in linears:
             m.forward = partial(_packed_forward, m, packed)  # type: ignore[method-assign]
-            _ACTIVE.add(id(m))
         yield len(linears)
     finally:
         for m in linears:
             m.__dict__.pop("forward", None)
-            _ACTIVE.discard(id(m))
 
 
 def _packed_forward(layer: nn.Linear, packed: dict[int, Tensor | None], x: Tensor) -> Tensor:

@@ -24,12 +24,14 @@ import copy
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from sims_lens.packed_linear import packed_linears
 
 _WRAPPED = "._original_component"
 _ATTRIBUTE = "_sims_lens_twin"
@@ -125,6 +127,12 @@ def forward_modules(model: Any) -> list[nn.Module]:
         return [model]
     twin = plain_twin(model)
     return [bridged] if twin is None else [twin.module, bridged]
+
+
+def packed_weights(model: Any, enabled: bool = True) -> AbstractContextManager[int]:
+    """Within the block, ``model``'s forwards (twin or bridge) multiply by prepacked weights
+    (:func:`sims_lens.packed_linear.packed_linears`; float32 on the CPU)."""
+    return packed_linears(*forward_modules(model), enabled=enabled)
 
 
 def _site_map(model: Any) -> dict[int, Site]:
