@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 
 from sims_lens.memory import free_bytes
+from sims_lens.validation import is_int
 
 BatchSize = int | str
 """A batch size: an integer >= 1, or ``"auto"``."""
@@ -46,9 +47,14 @@ class BatchMemoryError(RuntimeError):
     """Even a batch of one row does not fit in the device's memory."""
 
 
+def is_batch_size(value: Any) -> bool:
+    """Whether ``value`` is a batch size: an integer >= 1 (not a bool) or ``"auto"``."""
+    return value == AUTO or (is_int(value) and value >= 1)
+
+
 def check_batch_size(value: Any) -> BatchSize:
     """``value`` if it is an integer >= 1 or ``"auto"``, else a ValueError naming both forms."""
-    if value == AUTO or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+    if is_batch_size(value):
         return value
     raise ValueError(f"batch_size must be an integer >= 1 or 'auto', got {value!r}")
 

@@ -16,10 +16,11 @@ from typing import Any
 
 import tomli_w
 
+from sims_lens.batching import is_batch_size
 from sims_lens.capture import REDUCTIONS
 from sims_lens.files import write_atomic
 from sims_lens.update_rules import DEFAULT_RATE, UPDATE_RULES
-from sims_lens.validation import ConfigError, check_field_types, is_int, rename_key
+from sims_lens.validation import ConfigError, check_field_types, rename_key
 from sims_lens.validation import require as _check
 
 RENAMED_KEYS = {"aggregation": "reduction"}
@@ -142,7 +143,7 @@ class SimsConfig:
             value = getattr(self, key)
             _check(isinstance(value, int) and value >= 1, key, value, "an integer >= 1")
         _check(
-            self.batch_size == "auto" or (is_int(self.batch_size) and int(self.batch_size) >= 1),
+            is_batch_size(self.batch_size),
             "batch_size",
             self.batch_size,
             'an integer >= 1 or "auto"',
