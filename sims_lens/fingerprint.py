@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import weakref
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 PROBE = 256
 """Elements read per tensor to notice edits the version counter misses."""
@@ -40,14 +40,13 @@ _CHUNK = 1 << 20
 class _Known:
     """What was last seen of one tensor: enough to tell, cheaply, that it has not changed."""
 
-    tensor: weakref.ref[Tensor]
     stamp: tuple[Any, ...]
     probe: Tensor
     sums: list[float]
 
 
-_KNOWN: dict[int, _Known] = {}
-"""By ``id`` of the tensor (the weak reference tells a recycled id from the same tensor)."""
+_KNOWN: WeakIdKeyDictionary = WeakIdKeyDictionary()
+"""By tensor (its identity, held weakly: an entry goes with its tensor)."""
 
 
 def model_fingerprint(model: Any) -> str:
@@ -75,7 +74,7 @@ def forget(model: Any | None = None) -> None:
         return
     module = getattr(model, "original_model", model)
     for tensor in [*module.parameters(), *module.buffers()]:
-        _KNOWN.pop(id(tensor), None)
+        _KNOWN.pop(tensor, None)
 
 
 def _sums_of(tensor: Tensor) -> list[float]:
@@ -84,11 +83,11 @@ def _sums_of(tensor: Tensor) -> list[float]:
         return tensor_sums(flat)
     stamp = (tensor.data_ptr(), tensor._version, tuple(tensor.shape), tensor.dtype, tensor.device)
     probe = flat[_probe_index(flat.numel(), flat.device)].clone()
-    known = _KNOWN.get(id(tensor))
-    if known is not None and known.tensor() is tensor and known.stamp == stamp and torch.equal(known.probe, probe):
+    known = _KNOWN.get(tensor)
+    if known is not None and known.stamp == stamp and torch.equal(known.probe, probe):
         return known.sums
     sums = tensor_sums(flat)
-    _KNOWN[id(tensor)] = _Known(weakref.ref(tensor), stamp, probe, sums)
+    _KNOWN[tensor] = _Known(stamp, probe, sums)
     return sums
 
 
